@@ -1,0 +1,87 @@
+"""Artifact I/O: every artifact a stage writes is complete or absent.
+
+Write into a temporary sibling, then rename into place. A stage killed half-way
+leaves the previous artifact (or nothing) and a ``.tmp-*`` sibling that the next
+attempt removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+TMP_MARK = ".tmp-"
+
+
+def _clean_stale(final: Path) -> None:
+    for stale in final.parent.glob(f".{final.name}{TMP_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, is_dir: bool = True) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces `final` in one rename.
+
+    On an exception the temporary is removed and `final` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(final)
+    tmp = final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    if is_dir:
+        tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.is_dir() and not final.is_symlink():
+            # rename() cannot replace a non-empty directory: swap via a stale name.
+            old = final.parent / f".{final.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a DataFrame to Parquet atomically."""
+    with atomic_path(path, is_dir=False) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def read_parquet(path: str | Path, what: str = "dataset") -> pd.DataFrame:
+    """Read Parquet with an error naming the file when it is missing or unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise ValueError(f"{what} {path} is not a readable Parquet file: {err}") from None
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path, is_dir=False) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,48 @@
+"""The command-line convention shared by every stage (`python -m components.<stage>`).
+
+Each stage's CLI takes the config (`--config file.yaml` or `--config-json '{...}'`)
+plus its input/output paths, calls the stage's `run`, and prints one clear error line
+(exit code 2) for bad input instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from components.config import Config, ConfigError, config_from_json, load_config
+
+# Errors that are the user's input, not a bug: printed as one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError, KeyError)
+
+
+def parser(stage: str, description: str) -> argparse.ArgumentParser:
+    """An ArgumentParser with the shared --config/--config-json options."""
+    p = argparse.ArgumentParser(prog=f"kfp-grpo stage {stage}", description=description)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", help="YAML config (default: the embedded tiny.yaml)")
+    g.add_argument("--config-json", help="config as JSON (what pipeline tasks pass)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The validated config named by --config / --config-json."""
+    if getattr(args, "config_json", None):
+        return config_from_json(args.config_json)
+    return load_config(getattr(args, "config", None))
+
+
+def main_wrapper(body: Callable[[argparse.Namespace], Any], p: argparse.ArgumentParser,
+                 argv: Sequence[str] | None = None) -> int:
+    """Parse argv, run `body`, print its JSON result; user errors → one line, exit 2."""
+    args = p.parse_args(argv)
+    try:
+        result = body(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
