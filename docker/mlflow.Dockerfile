@@ -29,9 +29,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN pip install "mlflow[auth]==${MLFLOW_VERSION}" \
         "psycopg2-binary==${PSYCOPG2_VERSION}" \
-        "boto3==${BOTO3_VERSION}"
-
-RUN useradd --uid 10001 --gid 0 --create-home --home-dir /home/mlflow --shell /usr/sbin/nologin mlflow
+        "boto3==${BOTO3_VERSION}" \
+ && useradd --uid 10001 --gid 0 --create-home --home-dir /home/mlflow --shell /usr/sbin/nologin mlflow
 USER 10001
 WORKDIR /home/mlflow
 EXPOSE 5000

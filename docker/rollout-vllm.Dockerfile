@@ -31,6 +31,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DO_NOT_TRACK=1
 
 # vLLM compiles Triton kernels / torch.compile graphs at start-up: needs a C compiler.
+# Debian package versions are not pinned: bookworm security updates replace them.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -43,6 +45,7 @@ RUN pip install "torch==${TORCH_VERSION}"
 # Layer 2: vLLM and the project's dependencies (with the `gpu` extra), keyed on
 # pyproject.toml only; empty package stubs stand in for the source.
 COPY pyproject.toml README.md ./
+# hadolint ignore=DL3013
 RUN mkdir -p components pipelines \
  && touch components/__init__.py pipelines/__init__.py \
  && pip install ".[gpu]" "vllm==${VLLM_VERSION}" "torch==${TORCH_VERSION}" \
@@ -52,6 +55,7 @@ RUN mkdir -p components pipelines \
 # Layer 3: the source.
 COPY components ./components
 COPY pipelines ./pipelines
+# hadolint ignore=DL3013
 RUN pip install --no-deps ".[gpu]" \
  && rm -rf build ./*.egg-info
 
@@ -61,4 +65,3 @@ USER 10001
 
 # KFP replaces the command; the entrypoint is for `docker run IMAGE rollout --help`.
 ENTRYPOINT ["kfp-grpo", "stage"]
-CMD ["--help"]

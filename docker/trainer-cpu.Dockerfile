@@ -54,4 +54,3 @@ USER 10001
 # KFP replaces the command with its own launcher (python -m kfp.dsl.executor_main);
 # the entrypoint is for manual use: `docker run IMAGE sft --help`.
 ENTRYPOINT ["kfp-grpo", "stage"]
-CMD ["--help"]

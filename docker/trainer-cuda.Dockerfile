@@ -31,6 +31,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Triton (used by torch.compile and fused kernels) compiles a small C launcher at
 # run time and needs a C compiler; the Python headers ship with the base image.
+# Debian package versions are not pinned: bookworm security updates replace them.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -60,4 +62,3 @@ USER 10001
 
 # KFP replaces the command; the entrypoint is for `docker run IMAGE grpo_update --help`.
 ENTRYPOINT ["kfp-grpo", "stage"]
-CMD ["--help"]
