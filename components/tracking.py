@@ -30,3 +30,68 @@ def log_params(params: Mapping[str, Any]) -> None:
     """Log params (values stringified, truncated by MLflow's limit) to the active run."""
     if active():
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+
+# --------------------------------------------------------------------------- runs
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI: the given one, else $MLFLOW_TRACKING_URI; an error if neither."""
+    import os
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ValueError("no MLflow tracking URI: set tracking.tracking_uri in the config or $MLFLOW_TRACKING_URI")
+    return uri
+
+
+def client(uri: str | None = None) -> "mlflow.MlflowClient":
+    """An MlflowClient for `uri` (also made the process default)."""
+    uri = resolve_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+# --------------------------------------------------------------------------- registry
+CHAMPION, CHALLENGER = "champion", "challenger"
+ACCURACY_TAG = "heldout_accuracy"
+
+
+def register_dir(c: "mlflow.MlflowClient", name: str, local_dir: str, run_id: str, artifact_path: str,
+                 tags: Mapping[str, Any]) -> str:
+    """Log a HF directory to `run_id` and register it as a new version of `name`; returns the version.
+
+    The version's source is the run's artifact folder (a standard HF directory).
+    """
+    from mlflow.exceptions import MlflowException
+
+    c.log_artifacts(run_id, local_dir, artifact_path)
+    try:
+        c.create_registered_model(name)
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    mv = c.create_model_version(name, source=source, run_id=run_id,
+                                tags={k: str(v) for k, v in tags.items()})
+    return mv.version
+
+
+def champion(c: "mlflow.MlflowClient", name: str):
+    """The model version holding alias `champion`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def download_model(uri: str, dst: str) -> str:
+    """Download `models:/name@alias`, `models:/name/N`, `runs:/…` or any artifact URI into `dst`."""
+    import mlflow.artifacts
+
+    if uri.startswith("models:/"):
+        c = mlflow.MlflowClient()
+        name, _, ref = uri[len("models:/"):].partition("@")
+        mv = c.get_model_version_by_alias(name, ref) if ref else c.get_model_version(*name.split("/", 1))
+        uri = mv.source
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)

@@ -1,0 +1,67 @@
+"""Stage: held-out evaluation — greedy pass@1, and maj@k when configured."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+
+from components import tracking
+from components.config import Config
+from components.generation import Sampling, make_backend
+from components.io import read_parquet, write_json, write_parquet
+from components.modeling import chat_prompt
+from components.stage_cli import config_from_args, main_wrapper, parser
+from components.tasks import extract_answer, is_correct, normalize_number
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """Most common extracted answer (ties: the first seen); None if none parsed."""
+    votes = Counter(a for a in answers if a is not None)
+    return max(votes, key=lambda a: (votes[a], -answers.index(a))) if votes else None
+
+
+def run(cfg: Config, test_path: str, policy_dir: str, out_path: str | None = None,
+        samples_out: str | None = None, step: int = 0) -> dict:
+    """Accuracy of `policy_dir` on the held-out split; writes metrics JSON to `out_path`."""
+    test = read_parquet(test_path, "held-out prompts")
+    if test.empty:
+        raise ValueError(f"held-out prompts {test_path} are empty")
+    ec = cfg.evaluation
+    backend = make_backend(cfg.rollout.backend, policy_dir, cfg.model, cfg.rollout)
+    texts = [chat_prompt(backend.tok, p, cfg.data.system_prompt) for p in test.prompt]
+    greedy = backend.generate(texts, Sampling(n=1, temperatures=[0.0], max_new_tokens=ec.max_new_tokens,
+                                              greedy=True, seed=cfg.seed))
+    greedy.sort(key=lambda g: g.prompt_index)
+    correct = [is_correct(g.text, a) for g, a in zip(greedy, test.answer)]
+    metrics = {"eval/accuracy": sum(correct) / len(correct), "eval/num_prompts": len(correct)}
+    if ec.maj_k > 0:
+        samples = backend.generate(texts, Sampling(n=ec.maj_k, temperatures=[ec.maj_temperature] * ec.maj_k,
+                                                   max_new_tokens=ec.max_new_tokens, seed=cfg.seed))
+        by_prompt: dict[int, list[str | None]] = {}
+        for g in sorted(samples, key=lambda g: (g.prompt_index, g.sample_index)):
+            by_prompt.setdefault(g.prompt_index, []).append(extract_answer(g.text))
+        maj = [majority(by_prompt[i]) == normalize_number(a) for i, a in enumerate(test.answer)]
+        metrics[f"eval/maj@{ec.maj_k}"] = sum(maj) / len(maj)
+    tracking.log_metrics(metrics, step=step)
+    print(f"[evaluate] {policy_dir}: accuracy {metrics['eval/accuracy']:.3f} on {len(correct)} held-out prompts",
+          flush=True)
+    if samples_out:
+        write_parquet(pd.DataFrame({"prompt": test.prompt, "answer": test.answer,
+                                    "completion": [g.text for g in greedy], "correct": correct}), samples_out)
+    if out_path:
+        write_json(metrics, out_path)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("evaluate", "Greedy pass@1 (and maj@k) on the held-out split.")
+    p.add_argument("--test", required=True, help="Parquet of held-out prompts")
+    p.add_argument("--policy", required=True, help="policy directory")
+    p.add_argument("--out", help="write metrics JSON here")
+    p.add_argument("--samples-out", help="write the greedy completions (Parquet) here")
+    return main_wrapper(lambda a: run(config_from_args(a), a.test, a.policy, a.out, a.samples_out), p, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Stage: the GRPO policy update on one round of rollouts.
+
+π_old log-probs are recomputed once at the start (the weights that sampled), π_ref
+log-probs once from the reference model; then μ epochs over shuffled minibatches of
+the clipped objective in `components.grpo`. The AdamW state is saved beside the
+weights (``optimizer.pt``) so the next round continues it. A NaN/inf loss or gradient,
+or a KL / clip fraction over the configured limits, stops the stage before anything
+is saved: the previous policy stays the current one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from components import tracking
+from components.config import Config
+from components.grpo import grpo_loss, zero_variance_fraction
+from components.io import read_parquet
+from components.modeling import batched, completion_logprobs, encode_prompts, load_policy, pad_right, save_model
+from components.stage_cli import config_from_args, main_wrapper, parser
+from components.training import NonFiniteError
+
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class DivergenceError(RuntimeError):
+    """The update crossed a configured KL / clip-fraction limit."""
+
+
+def _tensors(tok, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
+    enc = encode_prompts(tok, rows.prompt_text.tolist())
+    c_ids, c_mask = pad_right([list(x) for x in rows.completion_ids], tok.pad_token_id)
+    behavior = _pad([torch.tensor(list(lp), dtype=torch.float32) for lp in rows.sampler_logprobs], c_ids.shape[1])
+    return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"], "completion_ids": c_ids,
+            "completion_mask": c_mask, "advantages": torch.tensor(rows.advantage.to_numpy(), dtype=torch.float32),
+            "behavior_logp": behavior}
+
+
+@torch.no_grad()
+def _logprobs(model, tok, rows: pd.DataFrame, batch_size: int) -> list[torch.Tensor]:
+    """Per-row log-prob vectors (unpadded) under `model`."""
+    out = []
+    for sl in batched(len(rows), batch_size):
+        t = _tensors(tok, rows.iloc[sl])
+        lp, _ = completion_logprobs(model, t["prompt_ids"], t["prompt_mask"], t["completion_ids"], t["completion_mask"])
+        out += [lp[i, : int(t["completion_mask"][i].sum())] for i in range(lp.shape[0])]
+    return out
+
+
+def _pad(vectors: list[torch.Tensor], width: int) -> torch.Tensor:
+    out = torch.zeros(len(vectors), width)
+    for i, v in enumerate(vectors):
+        out[i, : len(v)] = v
+    return out
+
+
+def load_rollouts(paths: list[str]) -> pd.DataFrame:
+    """Concatenate rollout shards (a round may be sharded across pods)."""
+    frames = [read_parquet(p, "rollouts") for p in paths]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if df.empty:
+        raise ValueError(f"no rollouts to learn from in {paths}")
+    return df
+
+
+def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out_dir: str,
+        step: int = 0) -> dict:
+    """Update π_θ on the rollouts; write the new policy (+ optimizer state) to `out_dir`."""
+    g = cfg.grpo
+    rows = load_rollouts(rollout_paths)
+    model, tok = load_policy(policy_dir, cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
+    opt_file = Path(policy_dir) / OPTIMIZER_FILE
+    if opt_file.exists():
+        opt.load_state_dict(torch.load(opt_file, weights_only=True))
+        for group in opt.param_groups:  # the config, not the checkpoint, owns the hyper-parameters
+            group.update(lr=g.lr, weight_decay=g.weight_decay)
+    model.eval()
+    mb = g.minibatch_size
+    old = _logprobs(model, tok, rows, mb)
+    ref = None
+    if g.beta > 0:
+        ref_model = model if not ref_dir or ref_dir == policy_dir else load_policy(ref_dir, cfg.model)[0]
+        ref = old if ref_model is model else _logprobs(ref_model, tok, rows, mb)
+        del ref_model
+    use_is = g.importance_sampling_cap is not None
+
+    rng = random.Random(cfg.seed * 7919 + step)
+    history: list[dict[str, float]] = []
+    n_tokens, start = 0, time.perf_counter()
+    opt_step = 0
+    for epoch in range(g.epochs):
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for sl in batched(len(order), mb):
+            idx = order[sl]
+            t = _tensors(tok, rows.iloc[idx])
+            model.train()
+            logp, entropy = completion_logprobs(model, t["prompt_ids"], t["prompt_mask"], t["completion_ids"],
+                                                t["completion_mask"], with_entropy=True)
+            width = logp.shape[1]
+            loss, stats = grpo_loss(
+                logp, _pad([old[i] for i in idx], width), _pad([ref[i] for i in idx], width) if ref else None,
+                t["advantages"], t["completion_mask"], g.eps_low, g.eps_high, g.beta, g.loss_agg,
+                max_completion_length=cfg.rollout.max_new_tokens,
+                behavior_logp=t["behavior_logp"] if use_is else None, is_cap=g.importance_sampling_cap)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"grpo_update: loss is {loss.item()} at step {step}, optimizer step "
+                                     f"{opt_step}; the policy was not updated")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), g.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise NonFiniteError(f"grpo_update: gradient norm is {grad_norm} at step {step}, optimizer step "
+                                     f"{opt_step}; the policy was not updated")
+            opt.step()
+            mask = t["completion_mask"]
+            stats.update(grad_norm=grad_norm, entropy=float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)))
+            history.append(stats)
+            n_tokens += int(mask.sum())
+            tracking.log_metrics({f"update/{k}": v for k, v in stats.items()},
+                                 step=step * 10_000 + opt_step)
+            _check_divergence(cfg, stats, step, opt_step)
+            opt_step += 1
+    seconds = time.perf_counter() - start
+    rewards = torch.tensor(rows.reward.to_numpy(), dtype=torch.float64)
+
+    def mean(key: str) -> float:
+        return sum(h[key] for h in history) / len(history)
+
+    metrics = {
+        "update/loss": mean("loss"), "update/kl": mean("kl"), "update/clip_fraction": mean("clip_fraction"),
+        "update/entropy": mean("entropy"), "update/grad_norm": mean("grad_norm"),
+        "update/ratio_max": max(h["ratio_max"] for h in history), "update/optimizer_steps": opt_step,
+        "update/reward_mean": float(rewards.mean()), "update/reward_std": float(rewards.std(correction=0)),
+        "update/zero_variance_groups": zero_variance_fraction(rewards, cfg.rollout.group_size),
+        "update/tokens_per_s": n_tokens / max(seconds, 1e-9),
+    }
+    tracking.log_metrics({k + "_round": v for k, v in metrics.items()}, step=step)
+    print(f"[grpo_update] step {step}: {opt_step} optimizer steps, loss {metrics['update/loss']:.4f}, "
+          f"KL {metrics['update/kl']:.4f}, clip {metrics['update/clip_fraction']:.3f}, "
+          f"{metrics['update/tokens_per_s']:.0f} tok/s", flush=True)
+    save_model(model, tok, out_dir, extra={OPTIMIZER_FILE: opt.state_dict()})
+    return metrics
+
+
+def _check_divergence(cfg: Config, stats: dict[str, float], step: int, opt_step: int) -> None:
+    g = cfg.grpo
+    if g.max_kl is not None and stats["kl"] > g.max_kl:
+        raise DivergenceError(f"grpo_update: KL {stats['kl']:.4f} exceeds grpo.max_kl={g.max_kl} at step "
+                              f"{step}, optimizer step {opt_step}; run aborted, the policy was not updated")
+    if g.max_clip_fraction is not None and stats["clip_fraction"] > g.max_clip_fraction:
+        raise DivergenceError(f"grpo_update: clip fraction {stats['clip_fraction']:.3f} exceeds "
+                              f"grpo.max_clip_fraction={g.max_clip_fraction} at step {step}; run aborted, "
+                              "the policy was not updated")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("grpo_update", "GRPO update of the policy on one round of rollouts.")
+    p.add_argument("--rollouts", required=True, nargs="+", help="rollout Parquet file(s) (shards)")
+    p.add_argument("--policy", required=True, help="current policy directory (π_old)")
+    p.add_argument("--reference", help="reference model directory (π_ref); default: the policy itself")
+    p.add_argument("--out", required=True, help="output policy directory")
+    p.add_argument("--step", type=int, default=0)
+    return main_wrapper(lambda a: run(config_from_args(a), a.rollouts, a.policy, a.reference, a.out, a.step),
+                        p, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Stage: train the scalar reward model r_φ (Bradley–Terry pairs or pointwise BCE).
+
+The reward model is `AutoModelForSequenceClassification(num_labels=1)` on the SFT
+policy's backbone. Its data is one table of labelled completions (prompt_id, prompt,
+completion, label); pairs are built from correct (label 1) vs incorrect (label 0)
+completions of the same prompt.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification
+
+from components import tracking
+from components.config import Config
+from components.io import read_parquet, write_parquet
+from components.modeling import DTYPES, batched, load_tokenizer, save_model
+from components.stage_cli import config_from_args, main_wrapper, parser
+from components.tasks import reference_completion, wrong_answer
+from components.training import train_steps
+
+RM_COLUMNS = ["prompt_id", "prompt", "completion", "label", "origin"]
+
+
+def synthetic_rm_data(prompts: pd.DataFrame, negatives: int, seed: int) -> pd.DataFrame:
+    """For each prompt: its correct reference answer (label 1) and wrong answers (label 0)."""
+    rng = random.Random(seed)
+    rows = []
+    for r in prompts.itertuples(index=False):
+        rows.append((r.id, r.prompt, reference_completion(r.answer), 1.0, "synthetic"))
+        for _ in range(negatives):
+            rows.append((r.id, r.prompt, reference_completion(wrong_answer(r.answer, rng)), 0.0, "synthetic"))
+    return pd.DataFrame(rows, columns=RM_COLUMNS)
+
+
+def make_pairs(data: pd.DataFrame, seed: int, max_per_prompt: int = 4) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) from label-1 vs label-0 completions of one prompt."""
+    rng = random.Random(seed)
+    pairs = []
+    for _, g in data.groupby("prompt_id", sort=False):
+        good = g.completion[g.label > 0.5].tolist()
+        bad = g.completion[g.label <= 0.5].tolist()
+        combos = [(c, r) for c in dict.fromkeys(good) for r in dict.fromkeys(bad)]
+        for c, r in rng.sample(combos, min(max_per_prompt, len(combos))):
+            pairs.append((g.prompt.iloc[0], c, r))
+    return pairs
+
+
+def rm_text(tok, prompt: str, completion: str, system_prompt: str | None = None) -> str:
+    """The conversation the reward model scores: user problem + assistant completion."""
+    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return tok.apply_chat_template(msgs, tokenize=False)
+
+
+def score(rm, tok, prompts: list[str], completions: list[str], max_length: int = 512,
+          system_prompt: str | None = None, batch_size: int = 128, grad: bool = False) -> torch.Tensor:
+    """r_φ(q, o) for each (prompt, completion): a 1-D float tensor."""
+    texts = [rm_text(tok, p, c, system_prompt) for p, c in zip(prompts, completions)]
+    tok.padding_side = "right"
+    out = []
+    with torch.set_grad_enabled(grad):
+        for sl in batched(len(texts), batch_size):
+            enc = tok(texts[sl], return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_length, add_special_tokens=False)
+            out.append(rm(**{k: v.to(rm.device) for k, v in enc.items()}).logits[:, 0].float())
+    tok.padding_side = "left"
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pairwise_accuracy(rm, tok, pairs: list[tuple[str, str, str]], max_length: int) -> float:
+    """Fraction of pairs where r(chosen) > r(rejected); NaN when there are no pairs."""
+    if not pairs:
+        return float("nan")
+    rm.eval()
+    p, c, r = zip(*pairs)
+    return float((score(rm, tok, list(p), list(c), max_length) > score(rm, tok, list(p), list(r), max_length))
+                 .float().mean())
+
+
+def fit(rm, tok, data: pd.DataFrame, cfg: Config, steps: int, lr: float, batch_size: int, name: str) -> list[float]:
+    """Train r_φ on labelled completions with the configured objective."""
+    rng = random.Random(cfg.seed)
+    max_len = cfg.reward_model.max_length
+    if cfg.reward_model.objective == "pairwise":
+        pairs = make_pairs(data, cfg.seed)
+        if not pairs:
+            raise ValueError(f"{name}: no (correct, incorrect) pair for any prompt; cannot train pairwise")
+
+        def loss_fn(step: int) -> torch.Tensor:
+            p, c, r = zip(*rng.sample(pairs, min(batch_size, len(pairs))))
+            margin = score(rm, tok, list(p), list(c), max_len, grad=True) - score(rm, tok, list(p), list(r), max_len, grad=True)
+            return -F.logsigmoid(margin).mean()  # Bradley–Terry
+    else:
+        rows = list(data[["prompt", "completion", "label"]].itertuples(index=False, name=None))
+
+        def loss_fn(step: int) -> torch.Tensor:
+            p, c, y = zip(*rng.sample(rows, min(batch_size, len(rows))))
+            logits = score(rm, tok, list(p), list(c), max_len, grad=True)
+            return F.binary_cross_entropy_with_logits(logits, torch.tensor(y, dtype=torch.float32))
+
+    return train_steps(rm, loss_fn, steps, lr, warmup=min(10, steps // 10), name=name)
+
+
+def split_by_prompt(data: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held-out) with whole prompts on one side."""
+    ids = sorted(data.prompt_id.unique())
+    random.Random(seed).shuffle(ids)
+    held = set(ids[: max(1, int(len(ids) * fraction))])
+    mask = data.prompt_id.isin(held)
+    return data[~mask], data[mask]
+
+
+def load_backbone(policy_dir: str, cfg: Config):
+    """A fresh scalar head on the policy's backbone (no remote code, safetensors)."""
+    tok = load_tokenizer(policy_dir, None, cfg.model.trust_remote_code)
+    rm = AutoModelForSequenceClassification.from_pretrained(
+        policy_dir, num_labels=1, dtype=DTYPES[cfg.model.dtype],
+        trust_remote_code=cfg.model.trust_remote_code, use_safetensors=cfg.model.use_safetensors or None)
+    rm.config.pad_token_id = tok.pad_token_id
+    return rm, tok
+
+
+def run(cfg: Config, train_path: str, policy_dir: str, out_dir: str, data_out: str) -> dict:
+    """Build the RM data from the training prompts, train r_φ, report held-out accuracy.
+
+    Writes the reward model (HF directory) to `out_dir` and its data table to `data_out`.
+    """
+    prompts = read_parquet(train_path, "training prompts")
+    data = synthetic_rm_data(prompts, cfg.reward_model.negatives_per_prompt, cfg.seed)
+    train, held = split_by_prompt(data, cfg.reward_model.heldout_fraction, cfg.seed)
+    rm, tok = load_backbone(policy_dir, cfg)
+    rc = cfg.reward_model
+    losses = fit(rm, tok, train, cfg, rc.steps, rc.lr, rc.batch_size, "reward_model")
+    acc = pairwise_accuracy(rm, tok, make_pairs(held, cfg.seed), rc.max_length)
+    print(f"[reward_model] held-out pairwise accuracy {acc:.3f}", flush=True)
+    metrics = {"rm/heldout_accuracy": acc, "rm/final_loss": losses[-1] if losses else float("nan"),
+               "rm/examples": len(train)}
+    tracking.log_metrics(metrics)
+    save_model(rm, tok, out_dir)
+    write_parquet(data, data_out)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("reward_model", "Train the scalar reward model on correct vs incorrect completions.")
+    p.add_argument("--train", required=True, help="Parquet of training prompts")
+    p.add_argument("--policy", required=True, help="SFT policy directory (the RM's backbone)")
+    p.add_argument("--out", required=True, help="output reward model directory")
+    p.add_argument("--data-out", required=True, help="output Parquet of the RM's labelled data")
+    return main_wrapper(lambda a: run(config_from_args(a), a.train, a.policy, a.out, a.data_out), p, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Stage: sample G completions per prompt from π_old, score them, compute advantages.
+
+Output: one Parquet row per completion — prompt, completion, token ids, the sampler's
+log-probs, rewards (total and parts), verifier verdict, advantage, group, policy
+version, finish reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components import tracking
+from components.config import Config
+from components.generation import Sampling, group_temperatures, make_backend
+from components.grpo import group_advantages, zero_variance_fraction
+from components.io import read_parquet, write_parquet
+from components.modeling import chat_prompt, load_reward_model
+from components.reward_model import score
+from components.stage_cli import config_from_args, main_wrapper, parser
+from components.tasks import correctness_reward, format_reward
+
+
+def select_prompts(prompts: pd.DataFrame, n: int, seed: int, step: int, shard: int = 0,
+                   shards: int = 1) -> pd.DataFrame:
+    """The round's batch of prompts (seeded by step), optionally one shard of it."""
+    batch = prompts.sample(n=min(n, len(prompts)), random_state=seed * 100_003 + step)
+    return batch.iloc[shard::shards]
+
+
+def rewards_for(cfg: Config, problems: list[str], completions: list[str], answers: list[str],
+                rm_dir: str | None) -> pd.DataFrame:
+    """Reward parts and their weighted sum; raises naming the rows if any is NaN/inf."""
+    w = cfg.reward
+    parts = pd.DataFrame({
+        "reward_correct": [correctness_reward(c, a) for c, a in zip(completions, answers)],
+        "reward_format": [format_reward(c) for c in completions],
+    })
+    parts["reward_rm"] = 0.0
+    if w.rm_weight and rm_dir:
+        rm, tok = load_reward_model(rm_dir, cfg.model)
+        parts["reward_rm"] = score(rm, tok, problems, completions, cfg.reward_model.max_length,
+                                   cfg.data.system_prompt).numpy()
+    parts["reward"] = (w.rm_weight * parts.reward_rm + w.correctness_weight * parts.reward_correct
+                       + w.format_weight * parts.reward_format)
+    bad = np.flatnonzero(~np.isfinite(parts.reward.to_numpy()))
+    if len(bad):
+        raise ValueError(f"reward is NaN/inf for {len(bad)} completion(s), first at row {bad[0]} "
+                         f"(reward model score {parts.reward_rm.iloc[bad[0]]})")
+    return parts
+
+
+def run(cfg: Config, prompts_path: str, policy_dir: str, rm_dir: str | None, out_path: str,
+        step: int = 0, policy_version: str = "0", shard: int = 0) -> dict:
+    """Sample, score and write one round of rollouts (or one shard of it)."""
+    rc = cfg.rollout
+    prompts = select_prompts(read_parquet(prompts_path, "prompts"), rc.prompts_per_step, cfg.seed, step,
+                             shard, rc.shards)
+    if prompts.empty:
+        raise ValueError(f"no prompts for rollout shard {shard} of {rc.shards} ({prompts_path})")
+    backend = make_backend(rc.backend, policy_dir, cfg.model, rc)
+    tok = backend.tok
+    texts = [chat_prompt(tok, p, cfg.data.system_prompt) for p in prompts.prompt]
+    sampling = Sampling(n=rc.group_size, temperatures=group_temperatures(rc.group_size, rc.temperature,
+                        rc.temperature_range), max_new_tokens=rc.max_new_tokens, top_p=rc.top_p,
+                        seed=cfg.seed * 100_003 + step * 101 + shard)
+    start = time.perf_counter()
+    gens = backend.generate(texts, sampling)
+    gen_seconds = time.perf_counter() - start
+    gens.sort(key=lambda g: (g.prompt_index, g.sample_index))  # consecutive groups of G
+    rows = prompts.iloc[[g.prompt_index for g in gens]].reset_index(drop=True)
+    completions = [g.text for g in gens]
+    empty = sum(1 for g in gens if not g.token_ids)
+    if empty:
+        raise ValueError(f"{empty} of {len(gens)} completions are empty (no token generated); "
+                         "check rollout.max_new_tokens and the tokenizer's EOS")
+    parts = rewards_for(cfg, rows.prompt.tolist(), completions, rows.answer.tolist(), rm_dir)
+    a = cfg.grpo.advantage
+    rewards = torch.tensor(parts.reward.to_numpy(), dtype=torch.float64)
+    advantages = group_advantages(rewards, rc.group_size, a.scale, a.std, a.eps)
+    out = pd.DataFrame({
+        "id": rows.id, "prompt": rows.prompt, "answer": rows.answer, "prompt_text": [texts[g.prompt_index] for g in gens],
+        "completion": completions, "completion_ids": [g.token_ids for g in gens],
+        "sampler_logprobs": [g.logprobs for g in gens], "temperature": [g.temperature for g in gens],
+        "finish_reason": [g.finish_reason for g in gens],
+        "group": [shard * 1_000_000 + g.prompt_index for g in gens],
+        **{c: parts[c] for c in ["reward", "reward_rm", "reward_correct", "reward_format"]},
+        "correct": parts.reward_correct > 0.5, "advantage": advantages.numpy(),
+        "policy_version": policy_version, "step": step,
+    })
+    write_parquet(out, out_path)
+    n_tokens = int(sum(len(g.token_ids) for g in gens))
+    metrics = {
+        "rollout/reward_mean": float(parts.reward.mean()), "rollout/reward_std": float(parts.reward.std(ddof=0)),
+        "rollout/accuracy": float(out.correct.mean()), "rollout/format": float(parts.reward_format.mean()),
+        "rollout/zero_variance_groups": zero_variance_fraction(rewards, rc.group_size),
+        "rollout/completion_tokens_mean": n_tokens / len(gens),
+        "rollout/tokens_per_s": n_tokens / max(gen_seconds, 1e-9),
+        "rollout/truncated_fraction": float((out.finish_reason == "length").mean()),
+    }
+    tracking.log_metrics(metrics, step=step)
+    print(f"[rollout] step {step}: {len(prompts)} prompts × {rc.group_size} → accuracy "
+          f"{metrics['rollout/accuracy']:.3f}, reward {metrics['rollout/reward_mean']:.3f}, "
+          f"{metrics['rollout/tokens_per_s']:.0f} tok/s", flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("rollout", "Sample G completions per prompt, score them, compute group advantages.")
+    p.add_argument("--prompts", required=True, help="Parquet of prompts")
+    p.add_argument("--policy", required=True, help="policy directory (π_old)")
+    p.add_argument("--reward-model", help="reward model directory (omit to use rule-based rewards only)")
+    p.add_argument("--out", required=True, help="output Parquet of rollouts")
+    p.add_argument("--step", type=int, default=0, help="round index (seeds the prompt batch)")
+    p.add_argument("--policy-version", default="0")
+    p.add_argument("--shard", type=int, default=0)
+    return main_wrapper(lambda a: run(config_from_args(a), a.prompts, a.policy, a.reward_model, a.out,
+                                      a.step, a.policy_version, a.shard), p, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

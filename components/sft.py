@@ -1,0 +1,78 @@
+"""Stage: supervised fine-tuning of the initial policy (loss on completion tokens only)."""
+
+from __future__ import annotations
+
+import random
+
+import pandas as pd
+import torch
+
+from components import tracking
+from components.config import Config
+from components.io import read_parquet
+from components.modeling import chat_prompt, initial_policy, load_policy, save_model
+from components.stage_cli import config_from_args, main_wrapper, parser
+from components.tasks import reference_completion
+from components.training import train_steps
+
+
+def build_examples(tok, df: pd.DataFrame, cfg: Config) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) per row; the completion ends with EOS."""
+    examples = []
+    for row in df.itertuples(index=False):
+        prompt = chat_prompt(tok, row.prompt, cfg.data.system_prompt)
+        solution = getattr(row, "solution", None)
+        completion = reference_completion(row.answer, solution, cfg.sft.with_reasoning) + tok.eos_token
+        p_ids = tok(prompt, add_special_tokens=False).input_ids
+        c_ids = tok(completion, add_special_tokens=False).input_ids
+        examples.append((p_ids, c_ids[: max(1, cfg.sft.max_length - len(p_ids))]))
+    return examples
+
+
+def lm_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels (-100 on prompt and padding)."""
+    width = max(len(p) + len(c) for p, c in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, c) in enumerate(examples):
+        seq = p + c
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(p) : len(seq)] = torch.tensor(c)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def run(cfg: Config, train_path: str, out_dir: str, init_dir: str | None = None) -> dict:
+    """Fine-tune the configured initial policy (or `init_dir`) on the train split.
+
+    Writes an HF model directory to `out_dir`; returns the metrics.
+    """
+    df = read_parquet(train_path, "training prompts")
+    if df.empty:
+        raise ValueError(f"training prompts {train_path} are empty")
+    model, tok = load_policy(init_dir, cfg.model) if init_dir else initial_policy(cfg.model, cfg.seed)
+    examples = build_examples(tok, df, cfg)
+    rng = random.Random(cfg.seed)
+    tracking.log_params({"sft.steps": cfg.sft.steps, "sft.lr": cfg.sft.lr, "sft.examples": len(examples)})
+
+    def loss_fn(step: int) -> torch.Tensor:
+        batch = lm_batch(rng.sample(examples, min(cfg.sft.batch_size, len(examples))), tok.pad_token_id)
+        return model(**batch).loss
+
+    losses = train_steps(model, loss_fn, cfg.sft.steps, cfg.sft.lr, cfg.sft.weight_decay,
+                         cfg.sft.warmup_steps, name="sft")
+    save_model(model, tok, out_dir)
+    return {"sft/final_loss": losses[-1] if losses else float("nan"), "sft/examples": len(examples)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("sft", "Supervised fine-tuning of the initial policy.")
+    p.add_argument("--train", required=True, help="Parquet of training prompts (prepare_data output)")
+    p.add_argument("--out", required=True, help="output HF model directory")
+    p.add_argument("--init", help="start from this model directory instead of config model.policy")
+    return main_wrapper(lambda a: run(config_from_args(a), a.train, a.out, a.init), p, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

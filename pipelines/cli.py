@@ -1,0 +1,172 @@
+"""`kfp-grpo`: run the pipeline locally, compile it, submit or schedule it on KFP, promote, run a stage."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from components.config import STAGES, Config, ConfigError, load_config, set_dotted
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        set_dotted(overrides, key, yaml.safe_load(value))
+    return load_config(args.config, overrides)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the embedded pipelines/configs/tiny.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set grpo.beta=0.02 (repeatable)")
+
+
+def _add_init(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init-policy-uri", default="",
+                   help="start from this policy instead of SFT, e.g. models:/kfp-grpo-policy@champion")
+    p.add_argument("--init-reward-uri", default="",
+                   help="start from this reward model (and its replay buffer), e.g. models:/kfp-grpo-reward@champion")
+    p.add_argument("--from-champion", action="store_true",
+                   help="shorthand: start policy and reward model from the current champions (if any)")
+
+
+def _init_args(args: argparse.Namespace, cfg: Config) -> dict[str, str]:
+    from pipelines.client import champion_uris
+
+    if args.from_champion:
+        return champion_uris(cfg)
+    return {"init_policy_uri": args.init_policy_uri, "init_reward_uri": args.init_reward_uri}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.local import run_local
+
+    cfg = _config(args)
+    summary = run_local(cfg, Path(args.workdir), _init_args(args, cfg))
+    print(json.dumps(summary, indent=2) if args.json else summary["text"])
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.pipeline import compile_pipeline
+
+    cfg = _config(args)
+    out = args.output or f"{cfg.name}.yaml"
+    compile_pipeline(cfg, out)
+    print(f"wrote {out} ({cfg.loop.iterations} iterations × {cfg.loop.steps_per_iteration} rounds)")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.client import submit
+
+    cfg = _config(args)
+    run_id = submit(cfg, host=args.host, token=args.token, experiment=args.experiment, run_name=args.run_name,
+                    tracking_uri=args.tracking_uri, namespace=args.namespace,
+                    service_account=args.service_account, **_init_args(args, cfg))
+    print(f"submitted run {run_id} to {args.host or '$KF_PIPELINES_ENDPOINT'}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines.client import schedule
+
+    cfg = _config(args)
+    job_id = schedule(cfg, host=args.host, token=args.token, experiment=args.experiment, cron=args.cron,
+                      job_name=args.job_name, max_concurrency=args.max_concurrency,
+                      tracking_uri=args.tracking_uri, namespace=args.namespace,
+                      service_account=args.service_account, from_champion=not args.from_scratch)
+    print(f"created recurring run {job_id} ({args.cron}, max concurrency {args.max_concurrency}, no catch-up)")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace, rest: list[str]) -> int:
+    from components import promote
+
+    return promote.main(rest)
+
+
+def cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
+    module = importlib.import_module(f"components.{args.name}")
+    return module.main(rest)
+
+
+def _add_kfp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="KFP API endpoint (default: $KF_PIPELINES_ENDPOINT)")
+    p.add_argument("--token", help="bearer token (default: kfp.Client's own auth, "
+                                   "e.g. $KF_PIPELINES_SA_TOKEN_PATH in a cluster)")
+    p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user KFP)")
+    p.add_argument("--experiment", default="kfp-grpo", help="KFP experiment name")
+    p.add_argument("--tracking-uri", default="", help="MLflow URI passed to the run (default: from the "
+                                                      "cluster's kfp-grpo-config ConfigMap)")
+    p.add_argument("--service-account", default=None, help="service account for the run's pods")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kfp-grpo", description="Iterative GRPO fine-tuning as a Kubeflow pipeline.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the pipeline locally with kfp.local (embedded MLflow, CPU)")
+    _add_config(r)
+    _add_init(r)
+    r.add_argument("--workdir", default="kfp-grpo-runs", help="local outputs + embedded MLflow store")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compile", help="write the pipeline IR YAML for a config")
+    _add_config(c)
+    c.add_argument("-o", "--output", help="output file (default: <name>.yaml)")
+    c.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("submit", help="send one run to a KFP endpoint")
+    _add_config(s)
+    _add_kfp(s)
+    _add_init(s)
+    s.add_argument("--run-name", default=None)
+    s.set_defaults(func=cmd_submit)
+
+    sc = sub.add_parser("schedule", help="create a recurring run that continues from the champion")
+    _add_config(sc)
+    _add_kfp(sc)
+    sc.add_argument("--cron", default="0 0 2 * * *", help="6-field cron, seconds first (default: daily 02:00)")
+    sc.add_argument("--job-name", default=None)
+    sc.add_argument("--max-concurrency", type=int, default=1)
+    sc.add_argument("--from-scratch", action="store_true", help="each run starts from SFT, not the champion")
+    sc.set_defaults(func=cmd_schedule)
+
+    pr = sub.add_parser("promote", help="register a model and run the promotion gate by hand", add_help=False)
+    pr.set_defaults(func=cmd_promote, passthrough=True)
+
+    st = sub.add_parser("stage", help="run one stage (what a container runs); see `kfp-grpo stage NAME --help`",
+                        add_help=False)
+    st.add_argument("name", choices=[s for s in STAGES])
+    st.set_defaults(func=cmd_stage, passthrough=True)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = build_parser()
+    args, rest = p.parse_known_args(argv)
+    try:
+        if getattr(args, "passthrough", False):
+            return args.func(args, rest)
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Talk to a Kubeflow Pipelines endpoint: submit one run, or schedule recurring runs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from components.config import Config
+
+
+def champion_uris(cfg: Config) -> dict[str, str]:
+    """Pipeline arguments that start from the registered champions (if any exist at run time)."""
+    prefix = cfg.promote.model_prefix
+    return {"init_policy_uri": f"models:/{prefix}-policy@champion",
+            "init_reward_uri": f"models:/{prefix}-reward@champion"}
+
+
+def _client(host: str | None, token: str | None, namespace: str | None):
+    import kfp
+
+    return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
+
+
+def _arguments(tracking_uri: str, init_policy_uri: str = "", init_reward_uri: str = "") -> dict[str, str]:
+    return {"tracking_uri": tracking_uri, "init_policy_uri": init_policy_uri, "init_reward_uri": init_reward_uri}
+
+
+def submit(cfg: Config, host: str | None = None, token: str | None = None, experiment: str = "kfp-grpo",
+           run_name: str | None = None, tracking_uri: str = "", namespace: str | None = None,
+           service_account: str | None = None, init_policy_uri: str = "", init_reward_uri: str = "") -> str:
+    """Compile `cfg` and create one run on the KFP endpoint; returns the run id."""
+    from pipelines.pipeline import compile_pipeline
+
+    c = _client(host, token, namespace)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(cfg, str(Path(tmp) / "pipeline.yaml"))
+        result = c.create_run_from_pipeline_package(
+            package, arguments=_arguments(tracking_uri, init_policy_uri, init_reward_uri),
+            run_name=run_name or cfg.name, experiment_name=experiment, namespace=namespace,
+            enable_caching=False, service_account=service_account or cfg.cluster.service_account)
+    return result.run_id
+
+
+def schedule(cfg: Config, host: str | None = None, token: str | None = None, experiment: str = "kfp-grpo",
+             cron: str = "0 0 2 * * *", job_name: str | None = None, max_concurrency: int = 1,
+             tracking_uri: str = "", namespace: str | None = None, service_account: str | None = None,
+             from_champion: bool = True) -> str:
+    """Upload the pipeline (a new version if it exists) and create a recurring run; returns its id.
+
+    Each run starts from the current champion policy/reward model when one exists
+    (`models:/<prefix>-policy@champion`), so retraining continues the loop.
+    """
+    from pipelines.pipeline import compile_pipeline
+
+    if len(cron.split()) != 6:
+        raise ValueError(f"--cron needs 6 fields (seconds first), e.g. '0 0 2 * * *'; got {cron!r}")
+    c = _client(host, token, namespace)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(cfg, str(Path(tmp) / "pipeline.yaml"))
+        pipeline_id = c.get_pipeline_id(cfg.name)
+        version_name = f"{cfg.name}-{cfg.hash()}"
+        if pipeline_id is None:
+            pipeline = c.upload_pipeline(package, pipeline_name=cfg.name, namespace=namespace)
+            pipeline_id = pipeline.pipeline_id
+            version_id = c.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
+        else:
+            version_id = c.upload_pipeline_version(package, pipeline_version_name=version_name,
+                                                   pipeline_id=pipeline_id).pipeline_version_id
+    try:
+        exp = c.get_experiment(experiment_name=experiment, namespace=namespace)
+    except Exception:  # kfp raises a bare ValueError/ApiException when it does not exist
+        exp = c.create_experiment(experiment, namespace=namespace)
+    init = champion_uris(cfg) if from_champion else {}
+    job = c.create_recurring_run(
+        experiment_id=exp.experiment_id, job_name=job_name or f"{cfg.name}-retrain", cron_expression=cron,
+        max_concurrency=max_concurrency, no_catchup=True, pipeline_id=pipeline_id, version_id=version_id,
+        params=_arguments(tracking_uri, **init), enable_caching=False,
+        service_account=service_account or cfg.cluster.service_account)
+    return job.recurring_run_id

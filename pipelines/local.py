@@ -1,0 +1,71 @@
+"""`kfp-grpo run`: the same pipeline, run locally by `kfp.local` with an embedded MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+
+from components import tracking
+from components.config import Config
+
+
+def embedded_tracking_uri(workdir: Path) -> str:
+    """sqlite:///<workdir>/mlflow.db — the embedded store of local runs."""
+    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def prepare_tracking(cfg: Config, workdir: Path) -> str:
+    """Resolve the tracking URI and create schema + experiment once, before tasks run in parallel."""
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri(workdir)
+    c = tracking.client(uri)
+    if c.get_experiment_by_name(cfg.tracking.experiment) is None:
+        location = (workdir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:///") else None
+        c.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    return uri
+
+
+def run_local(cfg: Config, workdir: Path, init: dict[str, str]) -> dict:
+    """Compile-and-run the pipeline with kfp.local's SubprocessRunner; return a summary."""
+    from kfp import local
+
+    from pipelines.pipeline import build_pipeline
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = prepare_tracking(cfg, workdir)
+    # Expected locally: cluster placement is ignored and the project image is this environment.
+    warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner.*")
+    warnings.filterwarnings("ignore", message=r".*custom or non-Python base image.*")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str((workdir / "kfp").resolve()),
+               raise_on_error=True)
+    print(f"kfp-grpo: running pipeline '{cfg.name}' locally ({cfg.loop.iterations} iterations × "
+          f"{cfg.loop.steps_per_iteration} rounds); MLflow at {uri}", flush=True)
+    start = time.perf_counter()
+    task = build_pipeline(cfg)(tracking_uri=uri, **init)
+    seconds = time.perf_counter() - start
+    decision = json.loads(task.output)
+    summary = {**decision, "seconds": round(seconds, 1), "tracking_uri": uri, "workdir": str(workdir.resolve())}
+    summary["text"] = format_summary(summary, cfg)
+    return summary
+
+
+def format_summary(s: dict, cfg: Config) -> str:
+    ui = (f"mlflow ui --backend-store-uri {s['tracking_uri']}" if s["tracking_uri"].startswith("sqlite")
+          else f"open {s['tracking_uri']}")
+    champion = s["champion_accuracy"]
+    lines = [
+        "",
+        f"kfp-grpo run finished in {s['seconds'] / 60:.1f} min",
+        f"  held-out accuracy: SFT {s['sft_accuracy']:.3f} → GRPO {s['challenger_accuracy']:.3f}",
+        f"  promotion: {cfg.promote.model_prefix}-policy v{s['policy_version']} "
+        f"{'is the new champion' if s['promoted'] else 'was not promoted'} ({s['reason']})"
+        + ("" if champion is None else f"; previous champion v{s['champion_version']}: {champion:.3f}"),
+        f"  MLflow store: {s['tracking_uri']}",
+        f"  local artifacts: {s['workdir']}",
+        f"  browse: {ui}",
+    ]
+    return "\n".join(lines)
