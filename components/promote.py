@@ -105,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         c = tracking.client(cfg.tracking.tracking_uri)
         run_id = a.run_id
         if not run_id:
-            exp = c.get_experiment_by_name(cfg.tracking.experiment)
-            exp_id = exp.experiment_id if exp else c.create_experiment(cfg.tracking.experiment)
-            run_id = c.create_run(exp_id, run_name="manual-promote").info.run_id
+            run_id = c.create_run(tracking.ensure_experiment(c, cfg.tracking.experiment),
+                                  run_name="manual-promote").info.run_id
         try:
             return run(cfg, a.policy, a.reward_model, a.test, run_id, a.buffer)
         finally:

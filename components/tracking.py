@@ -95,3 +95,21 @@ def download_model(uri: str, dst: str) -> str:
         mv = c.get_model_version_by_alias(name, ref) if ref else c.get_model_version(*name.split("/", 1))
         uri = mv.source
     return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+
+
+def ensure_experiment(c: "mlflow.MlflowClient", name: str) -> str:
+    """The id of experiment `name`, created if missing.
+
+    With a SQLite store, artifacts go to `mlartifacts/` beside the database file
+    (not into the current directory).
+    """
+    from pathlib import Path
+
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = c.tracking_uri
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return c.create_experiment(name, artifact_location=location)

@@ -22,10 +22,7 @@ def embedded_tracking_uri(workdir: Path) -> str:
 def prepare_tracking(cfg: Config, workdir: Path) -> str:
     """Resolve the tracking URI and create schema + experiment once, before tasks run in parallel."""
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri(workdir)
-    c = tracking.client(uri)
-    if c.get_experiment_by_name(cfg.tracking.experiment) is None:
-        location = (workdir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:///") else None
-        c.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    tracking.ensure_experiment(tracking.client(uri), cfg.tracking.experiment)
     return uri
 
 

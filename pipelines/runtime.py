@@ -135,8 +135,7 @@ def start_parent_run(config_json: str, tracking_uri: str, init_policy_uri: str =
 
     cfg = setup(config_json)
     c = tracking.client(tracking_uri or cfg.tracking.tracking_uri)
-    exp = c.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(cfg.tracking.experiment)
+    exp_id = tracking.ensure_experiment(c, cfg.tracking.experiment)
     tags = {"kfp_grpo.config_hash": cfg.hash(), "kfp_grpo.init_policy": init_policy_uri or "sft"}
     for var in ("KFP_RUN_ID", "KFP_POD_NAME"):
         if os.environ.get(var):

@@ -1,0 +1,88 @@
+"""Shared fixtures: small configs, a trained tiny policy (built once per session), MLflow stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.config import Config, parse_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(1)  # the tiny model is fastest on one thread; also keeps CI predictable
+
+FAST = {
+    "seed": 0,
+    "data": {"num_train": 400, "num_test": 60},
+    "sft": {"steps": 30, "batch_size": 16},
+    "reward_model": {"steps": 10, "batch_size": 16},
+    "rollout": {"group_size": 4, "prompts_per_step": 8, "max_new_tokens": 12},
+    "grpo": {"minibatch_size": 16, "lr": 1e-4},
+    "replay": {"steps": 5, "batch_size": 16},
+    "loop": {"iterations": 1, "steps_per_iteration": 1},
+}
+
+
+def fast_config(**overrides) -> Config:
+    """A small valid config: every stage runs in seconds (learning is not the point)."""
+    from components.config import _deep_merge
+
+    return parse_config(_deep_merge(FAST, overrides))
+
+
+@pytest.fixture
+def cfg() -> Config:
+    return fast_config()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """train.parquet / test.parquet of the fast config's arithmetic task."""
+    from components import prepare_data
+
+    d = tmp_path_factory.mktemp("data")
+    prepare_data.run(fast_config(), str(d / "train.parquet"), str(d / "test.parquet"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def trained_policy(tmp_path_factory) -> Path:
+    """A tiny policy SFT-trained to non-trivial accuracy on addition (≈45 s, once per session)."""
+    from components import prepare_data, sft
+
+    d = tmp_path_factory.mktemp("trained")
+    c = parse_config({"sft": {"steps": 500, "lr": 1e-3}})
+    prepare_data.run(c, str(d / "train.parquet"), str(d / "test.parquet"))
+    sft.run(c, str(d / "train.parquet"), str(d / "policy"))
+    return d / "policy"
+
+
+@pytest.fixture(scope="session")
+def trained_test_set(trained_policy) -> Path:
+    """The held-out split that `trained_policy` never saw."""
+    return trained_policy.parent / "test.parquet"
+
+
+@pytest.fixture(scope="session")
+def untrained_policy(tmp_path_factory) -> Path:
+    """A freshly initialised tiny policy (accuracy ≈ 0)."""
+    from components.modeling import build_tiny_model, build_tiny_tokenizer, save_model
+    from components.config import TinyModelConfig
+
+    d = tmp_path_factory.mktemp("untrained") / "policy"
+    tok = build_tiny_tokenizer()
+    save_model(build_tiny_model(TinyModelConfig(), tok, seed=1), tok, d)
+    return d
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path) -> str:
+    """A real MLflow SQLite store in a temp dir (schema created once, before any worker)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).search_experiments()
+    return uri
