@@ -66,13 +66,42 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kfp_errors() -> tuple[type[BaseException], ...]:
+    """What the KFP API client raises for a refused request or an unreachable endpoint
+    (TimeoutError: kfp.Client's healthz probe gave up after its retries)."""
+    import kfp_server_api
+    import urllib3
+
+    return kfp_server_api.ApiException, urllib3.exceptions.HTTPError, TimeoutError
+
+
+def _kfp_failed(err: BaseException, host: str | None) -> int:
+    """One line on stderr instead of a traceback; exit code 1 (2 is for bad arguments/config)."""
+    where = host or "$KF_PIPELINES_ENDPOINT"
+    status = getattr(err, "status", None)
+    if status is None:
+        msg = f"cannot reach the KFP API at {where}: {err}"
+    else:
+        detail = getattr(err, "body", None) or ""
+        try:
+            detail = json.loads(detail).get("message") or detail
+        except (ValueError, AttributeError):
+            pass
+        msg = f"the KFP API at {where} answered {status} {getattr(err, 'reason', '') or ''}: {detail}"
+    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+    return 1
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.client import submit
 
     cfg = _config(args)
-    run_id = submit(cfg, host=args.host, token=args.token, experiment=args.experiment, run_name=args.run_name,
-                    tracking_uri=args.tracking_uri, namespace=args.namespace,
-                    service_account=args.service_account, **_init_args(args, cfg))
+    try:
+        run_id = submit(cfg, host=args.host, token=args.token, experiment=args.experiment, run_name=args.run_name,
+                        tracking_uri=args.tracking_uri, namespace=args.namespace,
+                        service_account=args.service_account, **_init_args(args, cfg))
+    except _kfp_errors() as err:
+        return _kfp_failed(err, args.host)
     print(f"submitted run {run_id} to {args.host or '$KF_PIPELINES_ENDPOINT'}")
     return 0
 
@@ -81,10 +110,13 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from pipelines.client import schedule
 
     cfg = _config(args)
-    job_id = schedule(cfg, host=args.host, token=args.token, experiment=args.experiment, cron=args.cron,
-                      job_name=args.job_name, max_concurrency=args.max_concurrency,
-                      tracking_uri=args.tracking_uri, namespace=args.namespace,
-                      service_account=args.service_account, from_champion=not args.from_scratch)
+    try:
+        job_id = schedule(cfg, host=args.host, token=args.token, experiment=args.experiment, cron=args.cron,
+                          job_name=args.job_name, max_concurrency=args.max_concurrency,
+                          tracking_uri=args.tracking_uri, namespace=args.namespace,
+                          service_account=args.service_account, from_champion=not args.from_scratch)
+    except _kfp_errors() as err:
+        return _kfp_failed(err, args.host)
     print(f"created recurring run {job_id} ({args.cron}, max concurrency {args.max_concurrency}, no catch-up)")
     return 0
 

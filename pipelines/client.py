@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 import tempfile
+import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 from components.config import Config
@@ -18,7 +23,27 @@ def champion_uris(cfg: Config) -> dict[str, str]:
 def _client(host: str | None, token: str | None, namespace: str | None):
     import kfp
 
-    return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
+    credentials = None
+    if not token and os.environ.get("KF_PIPELINES_SA_TOKEN_PATH"):
+        # kfp.Client reads this projected service-account token only when it has no host at all
+        # (in-cluster DNS); honour it as well with --host / $KF_PIPELINES_ENDPOINT.
+        from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+        credentials = ServiceAccountTokenVolumeCredentials(os.environ["KF_PIPELINES_SA_TOKEN_PATH"])
+    with warnings.catch_warnings():  # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later"
+        warnings.filterwarnings("ignore", category=FutureWarning, module="kfp")
+        return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow",
+                          credentials=credentials)
+
+
+def _pipeline_id(c, name: str, namespace: str | None) -> str | None:
+    """`Client.get_pipeline_id`, but within `namespace` (it ignores namespaces, so a namespaced
+    pipeline uploaded by an earlier `schedule` would not be found and uploading it again fails)."""
+    flt = json.dumps({"predicates": [{"operation": 1, "key": "display_name", "stringValue": name}]})  # 1 = EQUALS
+    found = c.list_pipelines(filter=flt, namespace=namespace).pipelines or []
+    if len(found) > 1:
+        raise ValueError(f"several KFP pipelines are named {name!r}; delete the extras or rename the config")
+    return found[0].pipeline_id if found else None
 
 
 def _arguments(tracking_uri: str, init_policy_uri: str = "", init_reward_uri: str = "") -> dict[str, str]:
@@ -57,8 +82,10 @@ def schedule(cfg: Config, host: str | None = None, token: str | None = None, exp
     c = _client(host, token, namespace)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(cfg, str(Path(tmp) / "pipeline.yaml"))
-        pipeline_id = c.get_pipeline_id(cfg.name)
-        version_name = f"{cfg.name}-{cfg.hash()}"
+        pipeline_id = _pipeline_id(c, cfg.name, namespace)
+        # version names are unique per pipeline on the server: the config hash says what, the time when
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        version_name = f"{cfg.name}-{cfg.hash()}-{stamp}-{secrets.token_hex(2)}"
         if pipeline_id is None:
             pipeline = c.upload_pipeline(package, pipeline_name=cfg.name, namespace=namespace)
             pipeline_id = pipeline.pipeline_id
@@ -66,10 +93,7 @@ def schedule(cfg: Config, host: str | None = None, token: str | None = None, exp
         else:
             version_id = c.upload_pipeline_version(package, pipeline_version_name=version_name,
                                                    pipeline_id=pipeline_id).pipeline_version_id
-    try:
-        exp = c.get_experiment(experiment_name=experiment, namespace=namespace)
-    except Exception:  # kfp raises a bare ValueError/ApiException when it does not exist
-        exp = c.create_experiment(experiment, namespace=namespace)
+    exp = c.create_experiment(experiment, namespace=namespace)  # get-or-create; real errors propagate
     init = champion_uris(cfg) if from_champion else {}
     job = c.create_recurring_run(
         experiment_id=exp.experiment_id, job_name=job_name or f"{cfg.name}-retrain", cron_expression=cron,
