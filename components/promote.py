@@ -81,7 +81,7 @@ def run(cfg: Config, policy_dir: str, rm_dir: str | None, test_path: str, run_id
         c.set_registered_model_alias(policy_name, tracking.CHAMPION, pv)
         if rv:
             c.set_registered_model_alias(reward_name, tracking.CHAMPION, rv)
-    decision = Decision(promoted, reason, acc, champ_acc, current.version if current else None, pv, rv)
+    decision = Decision(promoted, reason, acc, champ_acc, str(current.version) if current else None, pv, rv)
     c.set_tag(run_id, "promotion_decision", "champion" if promoted else "rejected")
     c.set_tag(run_id, "promotion_reason", reason)
     c.log_metric(run_id, "promote/challenger_accuracy", acc)

@@ -72,7 +72,7 @@ def register_dir(c: "mlflow.MlflowClient", name: str, local_dir: str, run_id: st
     source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
     mv = c.create_model_version(name, source=source, run_id=run_id,
                                 tags={k: str(v) for k, v in tags.items()})
-    return mv.version
+    return str(mv.version)  # MLflow's store returns an int; versions are strings in its API and URIs
 
 
 def champion(c: "mlflow.MlflowClient", name: str):

@@ -87,6 +87,7 @@ def build_pipeline(cfg: Config) -> Callable:
                 policy, step = update.outputs["new_policy"], step + 1
             replay = place(ops.rm_replay(**shared, iteration=it, rollouts=rollouts, reward_model=rm,
                                          history=history), cfg, "rm_replay", f"rm-replay-i{it}")
+            replay.after(update)  # Algorithm 1: r_φ is retrained after the iteration's last policy update
             rm, history = replay.outputs["new_reward_model"], replay.outputs["buffer"]
             ev = place(ops.evaluate(**shared, step=it + 1, test=test, policy=policy), cfg, "evaluate",
                        f"evaluate-i{it}")
@@ -111,7 +112,8 @@ def rollout_round(ops, cfg: Config, common: dict, step: int, version: str, promp
                            reward_model=rm)
         place(task, cfg, "rollout", f"rollout-i{it_m}-shard")
     gathered = ops.gather_rollouts(shards=dsl.Collected(task.outputs["rollouts"]))
-    return place(gathered, cfg, "rollout", f"gather-rollouts-i{it_m}").outputs["rollouts"]
+    # a Parquet concat: placed like the other light CPU tasks, not on a GPU node like the shards
+    return place(gathered, cfg, "prepare_data", f"gather-rollouts-i{it_m}").outputs["rollouts"]
 
 
 def compile_pipeline(cfg: Config, path: str) -> str:
