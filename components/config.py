@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -145,6 +145,13 @@ class RolloutConfig(_Strict):
     shards: int = Field(1, ge=1, description="rollout shards fanned out across pods")
     vllm: VLLMConfig = VLLMConfig()
 
+    @field_validator("temperature_range")
+    @classmethod
+    def _temperature_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError(f"need 0 < τ_lo <= τ_hi, got {list(v)} (τ_0 = τ_lo divides the logits)")
+        return v
+
 
 class AdvantageConfig(_Strict):
     scale: Literal["group", "batch", "none"] = "group"
@@ -244,12 +251,13 @@ class ClusterConfig(_Strict):
     service_account: str | None = "kfp-grpo-pipeline"
     stages: dict[str, StageResources] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _known_stages(self) -> "ClusterConfig":
-        unknown = sorted(set(self.stages) - set(STAGES))
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
-        return self
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: dict[str, StageResources]) -> dict[str, StageResources]:
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown:  # reported at cluster.stages, with the known names
+            raise ValueError(f"unknown stage(s) {unknown}, stages are {list(STAGES)}")
+        return stages
 
     def resources(self, stage: str) -> StageResources:
         """The placement of `stage` (defaults when the config does not name it)."""
@@ -319,7 +327,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if overrides:
+    if overrides and (data is None or isinstance(data, dict)):  # else parse_config names the bad top level
         data = _deep_merge(data or {}, overrides)
     return parse_config(data, str(path))
 

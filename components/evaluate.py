@@ -24,7 +24,7 @@ def majority(answers: list[str | None]) -> str | None:
 def run(cfg: Config, test_path: str, policy_dir: str, out_path: str | None = None,
         samples_out: str | None = None, step: int = 0) -> dict:
     """Accuracy of `policy_dir` on the held-out split; writes metrics JSON to `out_path`."""
-    test = read_parquet(test_path, "held-out prompts")
+    test = read_parquet(test_path, "held-out prompts", ["prompt", "answer"])
     if test.empty:
         raise ValueError(f"held-out prompts {test_path} are empty")
     ec = cfg.evaluation

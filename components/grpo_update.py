@@ -60,9 +60,12 @@ def _pad(vectors: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def load_rollouts(paths: list[str]) -> pd.DataFrame:
-    """Concatenate rollout shards (a round may be sharded across pods)."""
-    frames = [read_parquet(p, "rollouts") for p in paths]
+ROLLOUT_COLUMNS = ("prompt_text", "completion_ids", "sampler_logprobs", "advantage", "reward")
+
+
+def load_rollouts(paths: list[str], columns: tuple[str, ...] = ROLLOUT_COLUMNS) -> pd.DataFrame:
+    """Concatenate rollout shards (a round may be sharded across pods); each must have `columns`."""
+    frames = [read_parquet(p, "rollouts", columns) for p in paths]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if df.empty:
         raise ValueError(f"no rollouts to learn from in {paths}")

@@ -13,7 +13,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 
@@ -66,15 +66,19 @@ def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
         df.to_parquet(tmp, index=False)
 
 
-def read_parquet(path: str | Path, what: str = "dataset") -> pd.DataFrame:
-    """Read Parquet with an error naming the file when it is missing or unreadable."""
+def read_parquet(path: str | Path, what: str = "dataset", columns: Sequence[str] = ()) -> pd.DataFrame:
+    """Read Parquet with an error naming the file when it is missing, unreadable or lacks `columns`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return pd.read_parquet(path)
+        df = pd.read_parquet(path)
     except Exception as err:  # pyarrow raises several types for corrupt files
         raise ValueError(f"{what} {path} is not a readable Parquet file: {err}") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} {path} lacks required column(s) {missing}; found {[str(c) for c in df.columns]}")
+    return df
 
 
 def write_json(obj: Any, path: str | Path) -> None:

@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 from components import tracking
 from components.config import Config
 from components.io import read_parquet, write_parquet
-from components.modeling import DTYPES, batched, load_tokenizer, save_model
+from components.modeling import DTYPES, ModelLoadError, batched, load_tokenizer, save_model
 from components.stage_cli import config_from_args, main_wrapper, parser
 from components.tasks import reference_completion, wrong_answer
 from components.training import train_steps
@@ -118,9 +118,12 @@ def split_by_prompt(data: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.
 def load_backbone(policy_dir: str, cfg: Config):
     """A fresh scalar head on the policy's backbone (no remote code, safetensors)."""
     tok = load_tokenizer(policy_dir, None, cfg.model.trust_remote_code)
-    rm = AutoModelForSequenceClassification.from_pretrained(
-        policy_dir, num_labels=1, dtype=DTYPES[cfg.model.dtype],
-        trust_remote_code=cfg.model.trust_remote_code, use_safetensors=cfg.model.use_safetensors or None)
+    try:
+        rm = AutoModelForSequenceClassification.from_pretrained(
+            policy_dir, num_labels=1, dtype=DTYPES[cfg.model.dtype],
+            trust_remote_code=cfg.model.trust_remote_code, use_safetensors=cfg.model.use_safetensors or None)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"cannot load a reward-model backbone from {policy_dir}: {err}") from None
     rm.config.pad_token_id = tok.pad_token_id
     return rm, tok
 
@@ -130,7 +133,7 @@ def run(cfg: Config, train_path: str, policy_dir: str, out_dir: str, data_out: s
 
     Writes the reward model (HF directory) to `out_dir` and its data table to `data_out`.
     """
-    prompts = read_parquet(train_path, "training prompts")
+    prompts = read_parquet(train_path, "training prompts", ["id", "prompt", "answer"])
     data = synthetic_rm_data(prompts, cfg.reward_model.negatives_per_prompt, cfg.seed)
     train, held = split_by_prompt(data, cfg.reward_model.heldout_fraction, cfg.seed)
     rm, tok = load_backbone(policy_dir, cfg)

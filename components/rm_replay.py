@@ -33,8 +33,8 @@ def fresh_samples(rollouts: pd.DataFrame, iteration: int) -> pd.DataFrame:
 def run(cfg: Config, rollout_paths: list[str], rm_dir: str, history_paths: list[str], out_dir: str,
         buffer_out: str, iteration: int = 0) -> dict:
     """Retrain r_φ on fresh + replayed samples; write the RM and the new buffer."""
-    fresh = fresh_samples(load_rollouts(rollout_paths), iteration)
-    history = [read_parquet(p, "replay history")[RM_COLUMNS] for p in history_paths]
+    fresh = fresh_samples(load_rollouts(rollout_paths, ("id", "prompt", "completion", "correct")), iteration)
+    history = [read_parquet(p, "replay history", RM_COLUMNS)[RM_COLUMNS] for p in history_paths]
     historical = pd.concat(history, ignore_index=True) if history else pd.DataFrame(columns=RM_COLUMNS)
     replayed = historical.sample(frac=cfg.replay.historical_fraction, random_state=cfg.seed + iteration)
     fresh_train, fresh_held = split_by_prompt(fresh, FRESH_HELDOUT, cfg.seed + iteration)

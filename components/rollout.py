@@ -58,8 +58,8 @@ def run(cfg: Config, prompts_path: str, policy_dir: str, rm_dir: str | None, out
         step: int = 0, policy_version: str = "0", shard: int = 0) -> dict:
     """Sample, score and write one round of rollouts (or one shard of it)."""
     rc = cfg.rollout
-    prompts = select_prompts(read_parquet(prompts_path, "prompts"), rc.prompts_per_step, cfg.seed, step,
-                             shard, rc.shards)
+    prompts = select_prompts(read_parquet(prompts_path, "prompts", ["id", "prompt", "answer"]), rc.prompts_per_step,
+                             cfg.seed, step, shard, rc.shards)
     if prompts.empty:
         raise ValueError(f"no prompts for rollout shard {shard} of {rc.shards} ({prompts_path})")
     backend = make_backend(rc.backend, policy_dir, cfg.model, rc)

@@ -48,7 +48,7 @@ def run(cfg: Config, train_path: str, out_dir: str, init_dir: str | None = None)
 
     Writes an HF model directory to `out_dir`; returns the metrics.
     """
-    df = read_parquet(train_path, "training prompts")
+    df = read_parquet(train_path, "training prompts", ["prompt", "answer"])
     if df.empty:
         raise ValueError(f"training prompts {train_path} are empty")
     model, tok = load_policy(init_dir, cfg.model) if init_dir else initial_policy(cfg.model, cfg.seed)

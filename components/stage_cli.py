@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -34,14 +35,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None))
 
 
+def _quiet_hf() -> None:
+    """No HF loading bars on stderr (as in pipeline tasks): stages print their own progress to stdout."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def main_wrapper(body: Callable[[argparse.Namespace], Any], p: argparse.ArgumentParser,
                  argv: Sequence[str] | None = None) -> int:
     """Parse argv, run `body`, print its JSON result; user errors → one line, exit 2."""
     args = p.parse_args(argv)
+    _quiet_hf()
     try:
         result = body(args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        # one line, even for multi-line messages (YAML parser errors, library exceptions)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
