@@ -111,9 +111,14 @@ class RewardModelConfig(_Strict):
 
 
 class RewardConfig(_Strict):
-    """Final reward = rm_weight·r_φ + correctness_weight·correct + format_weight·format."""
+    """Final reward = rm_weight·s(r_φ) + correctness_weight·correct + format_weight·format.
+
+    s is the sigmoid (the RM's probability that the completion is good, bounded in (0, 1)
+    so an exploited RM cannot outweigh the verifier) or the identity (`rm_squash: false`).
+    """
 
     rm_weight: float = 0.5
+    rm_squash: bool = True
     correctness_weight: float = 1.0
     format_weight: float = 0.1
 
@@ -159,6 +164,17 @@ class AdvantageConfig(_Strict):
     eps: float = Field(1e-4, gt=0)
 
 
+class TrainerJobConfig(_Strict):
+    """The Kubeflow Trainer v2 TrainJob that runs the update when `grpo.nodes > 1`."""
+
+    runtime: str = Field("torch-distributed", description="ClusterTrainingRuntime the TrainJob references")
+    namespace: str | None = Field(None, description="null: the namespace of the pipeline pod")
+    shared_pvc: str | None = Field(None, description="ReadWriteMany PVC mounted in the pipeline task and every node")
+    shared_mount_path: str = "/mnt/kfp-grpo-shared"
+    timeout_seconds: int = Field(86400, gt=0, description="delete the TrainJob and fail after this long")
+    poll_seconds: float = Field(15.0, gt=0)
+
+
 class GRPOConfig(_Strict):
     beta: float = Field(0.04, ge=0)
     eps_low: float = Field(0.2, gt=0, lt=1)
@@ -168,6 +184,7 @@ class GRPOConfig(_Strict):
     epochs: int = Field(1, ge=1, description="μ: passes over each rollout batch")
     minibatch_size: int = Field(64, ge=1, description="outputs per optimizer step")
     lr: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear lr warmup over the first optimizer steps of the run")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     reference: Literal["iteration", "sft"] = Field(
@@ -178,6 +195,17 @@ class GRPOConfig(_Strict):
     )
     max_kl: float | None = Field(None, gt=0, description="abort the run if the mean KL exceeds this")
     max_clip_fraction: float | None = Field(None, gt=0, le=1, description="abort if clip fraction exceeds this")
+    gradient_checkpointing: bool = Field(False, description="HF activation checkpointing (less memory, ~30% slower)")
+    bf16: bool = Field(True, description="FSDP on CUDA: bfloat16 compute, float32 master weights and reduction")
+    nproc_per_node: int = Field(1, ge=1, description="> 1: torchrun + FSDP over this many GPUs in one pod")
+    nodes: int = Field(1, ge=1, description="> 1: a Kubeflow Trainer job over this many nodes (see trainer_job)")
+    trainer_job: TrainerJobConfig = TrainerJobConfig()
+
+    @model_validator(mode="after")
+    def _multi_node(self) -> "GRPOConfig":
+        if self.nodes > 1 and not self.trainer_job.shared_pvc:
+            raise ValueError("nodes > 1 needs trainer_job.shared_pvc (a ReadWriteMany PVC for the job's inputs/outputs)")
+        return self
 
 
 class ReplayConfig(_Strict):
@@ -207,6 +235,15 @@ class LoopConfig(_Strict):
 class TrackingConfig(_Strict):
     tracking_uri: str | None = Field(None, description="null: $MLFLOW_TRACKING_URI, else the embedded store")
     experiment: str = "kfp-grpo"
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "TrackingConfig":
+        from urllib.parse import urlsplit
+
+        if self.tracking_uri and "://" in self.tracking_uri and urlsplit(self.tracking_uri).password:
+            raise ValueError("tracking_uri must not contain a password (it would be compiled into the pipeline); "
+                             "use MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD from a Kubernetes Secret")
+        return self
 
 
 # --------------------------------------------------------------------------- cluster

@@ -18,28 +18,26 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from components import tracking
+from components import distributed, tracking
 from components.config import Config
 from components.grpo import grpo_loss, zero_variance_fraction
 from components.io import read_parquet
 from components.modeling import batched, completion_logprobs, encode_prompts, load_policy, pad_right, save_model
 from components.stage_cli import config_from_args, main_wrapper, parser
-from components.training import NonFiniteError
+from components.training import DivergenceError, NonFiniteError
 
 OPTIMIZER_FILE = "optimizer.pt"
 
 
-class DivergenceError(RuntimeError):
-    """The update crossed a configured KL / clip-fraction limit."""
-
-
-def _tensors(tok, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
+def _tensors(tok, rows: pd.DataFrame, device: torch.device) -> dict[str, torch.Tensor]:
+    """Model inputs for `rows`: left-padded prompts, right-padded completions, advantages."""
     enc = encode_prompts(tok, rows.prompt_text.tolist())
     c_ids, c_mask = pad_right([list(x) for x in rows.completion_ids], tok.pad_token_id)
     behavior = _pad([torch.tensor(list(lp), dtype=torch.float32) for lp in rows.sampler_logprobs], c_ids.shape[1])
-    return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"], "completion_ids": c_ids,
-            "completion_mask": c_mask, "advantages": torch.tensor(rows.advantage.to_numpy(), dtype=torch.float32),
-            "behavior_logp": behavior}
+    t = {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"], "completion_ids": c_ids,
+         "completion_mask": c_mask, "advantages": torch.tensor(rows.advantage.to_numpy(), dtype=torch.float32),
+         "behavior_logp": behavior}
+    return {k: v.to(device) for k, v in t.items()}
 
 
 @torch.no_grad()
@@ -47,14 +45,15 @@ def _logprobs(model, tok, rows: pd.DataFrame, batch_size: int) -> list[torch.Ten
     """Per-row log-prob vectors (unpadded) under `model`."""
     out = []
     for sl in batched(len(rows), batch_size):
-        t = _tensors(tok, rows.iloc[sl])
+        t = _tensors(tok, rows.iloc[sl], model.device)
         lp, _ = completion_logprobs(model, t["prompt_ids"], t["prompt_mask"], t["completion_ids"], t["completion_mask"])
         out += [lp[i, : int(t["completion_mask"][i].sum())] for i in range(lp.shape[0])]
     return out
 
 
 def _pad(vectors: list[torch.Tensor], width: int) -> torch.Tensor:
-    out = torch.zeros(len(vectors), width)
+    """Stack 1-D tensors into [N, width], zero-padded on the right (on their device)."""
+    out = torch.zeros(len(vectors), width, device=vectors[0].device if vectors else None)
     for i, v in enumerate(vectors):
         out[i, : len(v)] = v
     return out
@@ -76,8 +75,14 @@ def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | N
         step: int = 0) -> dict:
     """Update π_θ on the rollouts; write the new policy (+ optimizer state) to `out_dir`."""
     g = cfg.grpo
+    if distributed.should_launch(g.nproc_per_node):  # several GPUs in this pod: re-run under torchrun
+        return distributed.launch(cfg, rollout_paths, policy_dir, ref_dir, out_dir, step)
+    if distributed.is_rank():  # a rank of a torchrun launch: FSDP, same loss (components.grpo)
+        return distributed.run(cfg, rollout_paths, policy_dir, ref_dir, out_dir, step)
     rows = load_rollouts(rollout_paths)
     model, tok = load_policy(policy_dir, cfg.model)
+    if g.gradient_checkpointing:
+        distributed.enable_gradient_checkpointing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
     opt_file = Path(policy_dir) / OPTIMIZER_FILE
     if opt_file.exists():
@@ -103,7 +108,7 @@ def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | N
         rng.shuffle(order)
         for sl in batched(len(order), mb):
             idx = order[sl]
-            t = _tensors(tok, rows.iloc[idx])
+            t = _tensors(tok, rows.iloc[idx], model.device)
             model.train()
             logp, entropy = completion_logprobs(model, t["prompt_ids"], t["prompt_mask"], t["completion_ids"],
                                                 t["completion_mask"], with_entropy=True)
@@ -118,13 +123,14 @@ def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | N
                                      f"{opt_step}; the policy was not updated")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            lr = warmup_lr(opt, g.lr, g.warmup_steps)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), g.max_grad_norm))
             if not math.isfinite(grad_norm):
                 raise NonFiniteError(f"grpo_update: gradient norm is {grad_norm} at step {step}, optimizer step "
                                      f"{opt_step}; the policy was not updated")
             opt.step()
             mask = t["completion_mask"]
-            stats.update(grad_norm=grad_norm, entropy=float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)))
+            stats.update(grad_norm=grad_norm, lr=lr, entropy=float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)))
             history.append(stats)
             n_tokens += int(mask.sum())
             tracking.log_metrics({f"update/{k}": v for k, v in stats.items()},
@@ -151,6 +157,20 @@ def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | N
           f"{metrics['update/tokens_per_s']:.0f} tok/s", flush=True)
     save_model(model, tok, out_dir, extra={OPTIMIZER_FILE: opt.state_dict()})
     return metrics
+
+
+def warmup_lr(opt: torch.optim.Optimizer, lr: float, warmup_steps: int) -> float:
+    """Set the lr for the next step: linear warmup over the run's first `warmup_steps` steps.
+
+    The step count lives in the optimizer state saved with each checkpoint, so the
+    warmup spans rounds and iterations.
+    """
+    states = [s for s in opt.state.values() if "step" in s]
+    done = int(states[0]["step"]) if states else 0
+    current = lr * min(1.0, (done + 1) / warmup_steps) if warmup_steps else lr
+    for group in opt.param_groups:
+        group["lr"] = current
+    return current
 
 
 def _check_divergence(cfg: Config, stats: dict[str, float], step: int, opt_step: int) -> None:

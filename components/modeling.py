@@ -42,6 +42,11 @@ CHAT_TEMPLATE = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def default_device() -> torch.device:
+    """CUDA when present (GPU node pools), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class ModelLoadError(ValueError):
     """A model directory or id cannot be loaded as asked; the message says why."""
 
@@ -133,7 +138,7 @@ def load_policy(path: str, cfg: ModelConfig | None = None) -> tuple[PreTrainedMo
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {err}") from None
     model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
+    return model.to(default_device()), tok
 
 
 def load_reward_model(path: str, cfg: ModelConfig | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -148,7 +153,7 @@ def load_reward_model(path: str, cfg: ModelConfig | None = None) -> tuple[PreTra
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load a reward model from {path}: {err}") from None
     model.config.pad_token_id = tok.pad_token_id
-    return model, tok
+    return model.to(default_device()), tok
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
@@ -169,7 +174,7 @@ def initial_policy(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTra
     """The starting point of SFT: the tiny model built offline, or a pretrained one."""
     if cfg.policy == TINY:
         tok = build_tiny_tokenizer()
-        return build_tiny_model(cfg.tiny, tok, seed), tok
+        return build_tiny_model(cfg.tiny, tok, seed).to(default_device()), tok
     return load_policy(cfg.policy, cfg)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from components import evaluate, tracking
 from components.config import Config
+from components.grpo_update import OPTIMIZER_FILE
 from components.stage_cli import config_from_args, main_wrapper, parser
 
 BUFFER_FILE = "replay_buffer.parquet"
@@ -64,7 +65,10 @@ def run(cfg: Config, policy_dir: str, rm_dir: str | None, test_path: str, run_id
     promoted, reason = gate(acc, champ_acc, cfg.promote.margin)
     version_tags = {**(tags or {}), tracking.ACCURACY_TAG: acc, "config_hash": cfg.hash(),
                     "promotion_decision": "champion" if promoted else "rejected", "promotion_reason": reason}
-    pv = tracking.register_dir(c, policy_name, policy_dir, run_id, "policy", version_tags)
+    with tempfile.TemporaryDirectory() as tmp:  # the registered policy: weights + tokenizer, no optimizer pickle
+        staged_policy = Path(tmp) / "policy"
+        shutil.copytree(policy_dir, staged_policy, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
+        pv = tracking.register_dir(c, policy_name, str(staged_policy), run_id, "policy", version_tags)
     rv = None
     if rm_dir:
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 from components import tracking
 from components.config import Config
 from components.io import read_parquet, write_parquet
-from components.modeling import DTYPES, ModelLoadError, batched, load_tokenizer, save_model
+from components.modeling import DTYPES, ModelLoadError, batched, default_device, load_tokenizer, save_model
 from components.stage_cli import config_from_args, main_wrapper, parser
 from components.tasks import reference_completion, wrong_answer
 from components.training import train_steps
@@ -101,7 +101,7 @@ def fit(rm, tok, data: pd.DataFrame, cfg: Config, steps: int, lr: float, batch_s
         def loss_fn(step: int) -> torch.Tensor:
             p, c, y = zip(*rng.sample(rows, min(batch_size, len(rows))))
             logits = score(rm, tok, list(p), list(c), max_len, grad=True)
-            return F.binary_cross_entropy_with_logits(logits, torch.tensor(y, dtype=torch.float32))
+            return F.binary_cross_entropy_with_logits(logits, torch.tensor(y, dtype=torch.float32, device=logits.device))
 
     return train_steps(rm, loss_fn, steps, lr, warmup=min(10, steps // 10), name=name)
 
@@ -125,7 +125,7 @@ def load_backbone(policy_dir: str, cfg: Config):
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load a reward-model backbone from {policy_dir}: {err}") from None
     rm.config.pad_token_id = tok.pad_token_id
-    return rm, tok
+    return rm.to(default_device()), tok
 
 
 def run(cfg: Config, train_path: str, policy_dir: str, out_dir: str, data_out: str) -> dict:

@@ -43,8 +43,9 @@ def rewards_for(cfg: Config, problems: list[str], completions: list[str], answer
     parts["reward_rm"] = 0.0
     if w.rm_weight and rm_dir:
         rm, tok = load_reward_model(rm_dir, cfg.model)
-        parts["reward_rm"] = score(rm, tok, problems, completions, cfg.reward_model.max_length,
-                                   cfg.data.system_prompt).numpy()
+        rm_score = score(rm, tok, problems, completions, cfg.reward_model.max_length,
+                         cfg.data.system_prompt)
+        parts["reward_rm"] = (torch.sigmoid(rm_score) if w.rm_squash else rm_score).cpu().numpy()
     parts["reward"] = (w.rm_weight * parts.reward_rm + w.correctness_weight * parts.reward_correct
                        + w.format_weight * parts.reward_format)
     bad = np.flatnonzero(~np.isfinite(parts.reward.to_numpy()))

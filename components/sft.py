@@ -58,7 +58,7 @@ def run(cfg: Config, train_path: str, out_dir: str, init_dir: str | None = None)
 
     def loss_fn(step: int) -> torch.Tensor:
         batch = lm_batch(rng.sample(examples, min(cfg.sft.batch_size, len(examples))), tok.pad_token_id)
-        return model(**batch).loss
+        return model(**{k: v.to(model.device) for k, v in batch.items()}).loss
 
     losses = train_steps(model, loss_fn, cfg.sft.steps, cfg.sft.lr, cfg.sft.weight_decay,
                          cfg.sft.warmup_steps, name="sft")

@@ -14,9 +14,11 @@ import sys
 from typing import Any, Callable, Sequence
 
 from components.config import Config, ConfigError, config_from_json, load_config
+from components.training import DivergenceError, NonFiniteError
 
-# Errors that are the user's input, not a bug: printed as one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError, KeyError)
+# Errors that are the user's input or a guarded stop (not a bug): printed as one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError, KeyError,
+                                                NonFiniteError, DivergenceError)
 
 
 def parser(stage: str, description: str) -> argparse.ArgumentParser:
@@ -29,27 +31,37 @@ def parser(stage: str, description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The validated config named by --config / --config-json."""
+    """The validated config named by --config / --config-json, with its process settings applied."""
     if getattr(args, "config_json", None):
-        return config_from_json(args.config_json)
-    return load_config(getattr(args, "config", None))
+        cfg = config_from_json(args.config_json)
+    else:
+        cfg = load_config(getattr(args, "config", None))
+    apply_process_settings(cfg)
+    return cfg
 
 
-def _quiet_hf() -> None:
-    """No HF loading bars on stderr (as in pipeline tasks): stages print their own progress to stdout."""
+def quiet_hf() -> None:
+    """No HF loading bars or advisory warnings: stages print their own progress lines."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def apply_process_settings(cfg: Config) -> None:
+    """Settings a stage process takes from the config (CPU threads)."""
+    import torch
+
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
 
 
 def main_wrapper(body: Callable[[argparse.Namespace], Any], p: argparse.ArgumentParser,
                  argv: Sequence[str] | None = None) -> int:
     """Parse argv, run `body`, print its JSON result; user errors → one line, exit 2."""
     args = p.parse_args(argv)
-    _quiet_hf()
+    quiet_hf()
     try:
         result = body(args)
     except USER_ERRORS as err:

@@ -15,6 +15,10 @@ class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN/inf; the model is not saved."""
 
 
+class DivergenceError(RuntimeError):
+    """An update crossed a configured KL / clip-fraction limit; the model is not saved."""
+
+
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     """Linear warmup to 1, then linear decay to 0.1 at `total` steps."""
     def f(step: int) -> float:

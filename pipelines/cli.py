@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import yaml
 
 from components.config import STAGES, Config, ConfigError, load_config, set_dotted
+from pipelines.local import PipelineFailed
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -196,8 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
+    except PipelineFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

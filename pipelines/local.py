@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +27,22 @@ def prepare_tracking(cfg: Config, workdir: Path) -> str:
     return uri
 
 
+class PipelineFailed(RuntimeError):
+    """A task of a local pipeline run failed."""
+
+
+def mark_failed_runs(uri: str, experiment: str, since_ms: int) -> list[str]:
+    """Mark this run's still-RUNNING MLflow runs (parent and nested) as FAILED."""
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and attributes.start_time >= {since_ms}")
+    for r in runs:
+        c.set_terminated(r.info.run_id, "FAILED")
+    return [r.info.run_id for r in runs]
+
+
 def run_local(cfg: Config, workdir: Path, init: dict[str, str]) -> dict:
     """Compile-and-run the pipeline with kfp.local's SubprocessRunner; return a summary."""
     from kfp import local
@@ -41,8 +58,14 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str]) -> dict:
                raise_on_error=True)
     print(f"kfp-grpo: running pipeline '{cfg.name}' locally ({cfg.loop.iterations} iterations × "
           f"{cfg.loop.steps_per_iteration} rounds); MLflow at {uri}", flush=True)
-    start = time.perf_counter()
-    task = build_pipeline(cfg)(tracking_uri=uri, **init)
+    start, started_ms = time.perf_counter(), int(time.time() * 1000)
+    try:
+        task = build_pipeline(cfg)(tracking_uri=uri, **init)
+    except RuntimeError as err:  # kfp.local: a task failed (its log is above)
+        failed = mark_failed_runs(uri, cfg.tracking.experiment, started_ms)
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(err).split()))  # drop kfp's colour codes
+        raise PipelineFailed(f"{reason} — its log is above; MLflow run(s) {failed} marked "
+                             f"FAILED; outputs so far in {workdir.resolve()}") from None
     seconds = time.perf_counter() - start
     decision = json.loads(task.output)
     summary = {**decision, "seconds": round(seconds, 1), "tracking_uri": uri, "workdir": str(workdir.resolve())}

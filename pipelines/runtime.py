@@ -19,6 +19,7 @@ import mlflow
 
 from components import tracking
 from components.config import Config, config_from_json
+from components.stage_cli import apply_process_settings, quiet_hf
 
 # metrics also logged to the parent run, for the run-level curves
 PARENT_METRICS = ("rollout/reward_mean", "rollout/accuracy", "update/kl_round", "update/clip_fraction_round",
@@ -27,15 +28,10 @@ STEP_PARAMS = ("step", "iteration")
 
 
 def setup(config_json: str) -> Config:
-    """Parse the task's config and apply process settings (threads)."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # task logs: our progress lines, not loading bars
-    hf_logging.disable_progress_bar()
+    """Parse the task's config and apply process settings (quiet HF logs, threads)."""
+    quiet_hf()
     cfg = config_from_json(config_json)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    apply_process_settings(cfg)
     return cfg
 
 
