@@ -75,10 +75,10 @@ def gather_rollouts(shards: Input[List[Dataset]], rollouts: Output[Dataset]):
 def grpo_update(config: str, parent_run_id: str, tracking_uri: str, step: int, rollouts: Input[Dataset],
                 policy: Input[Model], reference: Input[Model], new_policy: Output[Model],
                 metrics: Output[Metrics]):
-    from pipelines.runtime import run_task
+    from pipelines.trainer_job import grpo_update_task  # in this pod, or a Trainer job when grpo.nodes > 1
 
-    run_task("grpo_update", config, parent_run_id, tracking_uri, metrics, rollout_paths=[rollouts.path],
-             policy_dir=policy.path, ref_dir=reference.path, out_dir=new_policy.path, step=step)
+    grpo_update_task(config, parent_run_id, tracking_uri, metrics, rollout_paths=[rollouts.path],
+                     policy_dir=policy.path, ref_dir=reference.path, out_dir=new_policy.path, step=step)
 
 
 def rm_replay(config: str, parent_run_id: str, tracking_uri: str, iteration: int, rollouts: Input[Dataset],

@@ -13,6 +13,7 @@ from kfp import dsl, kubernetes
 
 from components.config import Config, StageResources
 from pipelines.components import make_components
+from pipelines.trainer_job import launcher_placement
 
 MLFLOW_CLIENT_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID",
                       "AWS_SECRET_ACCESS_KEY")
@@ -61,6 +62,8 @@ def build_pipeline(cfg: Config) -> Callable:
     ops = make_components(cfg)
     config = cfg.to_json()
     I, M, shards = cfg.loop.iterations, cfg.loop.steps_per_iteration, cfg.rollout.shards
+    # grpo.nodes > 1: the update task only submits a Trainer job and waits (a CPU pod, not a GPU one)
+    update_stage = "grpo_update" if cfg.grpo.nodes == 1 else "prepare_data"
 
     @dsl.pipeline(name=cfg.name, description="Iterative GRPO: SFT → RM → I × (M × (rollout → update) → RM replay "
                                              "→ eval) → promote, tracked in MLflow")
@@ -83,7 +86,9 @@ def build_pipeline(cfg: Config) -> Callable:
             for m in range(M):
                 rollouts = rollout_round(ops, cfg, shared, step, f"{it}.{m}", train, policy, rm, shards)
                 update = place(ops.grpo_update(**shared, step=step, rollouts=rollouts, policy=policy,
-                                               reference=reference), cfg, "grpo_update", f"grpo-update-i{it}-m{m}")
+                                               reference=reference), cfg, update_stage, f"grpo-update-i{it}-m{m}")
+                if cfg.grpo.nodes > 1:
+                    launcher_placement(update, cfg)
                 policy, step = update.outputs["new_policy"], step + 1
             replay = place(ops.rm_replay(**shared, iteration=it, rollouts=rollouts, reward_model=rm,
                                          history=history), cfg, "rm_replay", f"rm-replay-i{it}")
