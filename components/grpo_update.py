@@ -97,6 +97,17 @@ def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | N
         ref_model = model if not ref_dir or ref_dir == policy_dir else load_policy(ref_dir, cfg.model)[0]
         ref = old if ref_model is model else _logprobs(ref_model, tok, rows, mb)
         del ref_model
+    if "completion_ids" in columns:  # an empty completion has no token to learn from (its loss would be 0/0)
+        empty = [i for i, ids in enumerate(df.completion_ids) if ids is None or len(ids) == 0]
+        if empty:
+            raise ValueError(f"rollouts {', '.join(map(str, paths))}: {len(empty)} of {len(df)} completion(s) are empty "
+                             f"(no completion tokens), first at row {empty[0]}")
+    for col in ("advantage", "reward"):
+        if col in columns:
+            bad = [i for i, v in enumerate(pd.to_numeric(df[col], errors="coerce")) if not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"rollouts {', '.join(map(str, paths))}: {col} is NaN/inf in {len(bad)} row(s), "
+                                 f"first at row {bad[0]}")
     use_is = g.importance_sampling_cap is not None
 
     rng = random.Random(cfg.seed * 7919 + step)

@@ -21,8 +21,36 @@ TMP_MARK = ".tmp-"
 
 
 def _clean_stale(final: Path) -> None:
+    """Remove what a killed writer left; if it died between the two renames of the
+    fallback swap (`final` absent, the complete previous artifact under `.tmp-old-*`),
+    put the previous artifact back first."""
+    if not final.exists():
+        olds = sorted(final.parent.glob(f".{final.name}{TMP_MARK}old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            olds[-1].rename(final)
     for stale in final.parent.glob(f".{final.name}{TMP_MARK}*"):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem/kernel cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 @contextlib.contextmanager
@@ -41,11 +69,15 @@ def atomic_path(final: str | Path, is_dir: bool = True) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         if final.is_dir() and not final.is_symlink():
-            # rename() cannot replace a non-empty directory: swap via a stale name.
-            old = final.parent / f".{final.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            # rename() cannot replace a non-empty directory: exchange the two in one step
+            # (a reader or a SIGKILL sees the old or the new artifact, never neither) ...
+            if _exchange(tmp, final):
+                shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous artifact
+            else:  # ... or swap via a stale name, which _clean_stale restores if we die between
+                old = final.parent / f".{final.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
     except BaseException:

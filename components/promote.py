@@ -9,10 +9,12 @@ the same prompts. The decision and its reasons are logged and tagged.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from components import evaluate, tracking
 from components.config import Config
@@ -50,43 +52,68 @@ def names(cfg: Config) -> tuple[str, str]:
 def run(cfg: Config, policy_dir: str, rm_dir: str | None, test_path: str, run_id: str,
         buffer_path: str | None = None, challenger_accuracy: float | None = None,
         tags: dict[str, str] | None = None) -> dict:
-    """Register policy (+ RM with its replay buffer) under `run_id` and gate the champion."""
+    """Register policy (+ RM with its replay buffer) under `run_id` and gate the champion.
+
+    Registry safety (tracking outages, killed tasks, racing runs):
+    - versions are created first, tagged `promotion_decision=pending`, with no alias; aliases
+      move last, so an alias never points at a version whose registration did not finish;
+    - the champion is re-read under a registry-wide lock (:func:`promotion_lock`) and, if
+      another run promoted meanwhile, this challenger is gated again against the new
+      champion (compare-and-set): two racing runs cannot leave the worse one champion;
+    - on an error the aliases moved so far are put back and the versions created are deleted
+      (best effort); what an outage leaves behind (`pending` versions without alias) is
+      deleted by the next attempt of the same run (a KFP retry).
+    """
     c = tracking.client(cfg.tracking.tracking_uri)
     policy_name, reward_name = names(cfg)
+    drop_pending(c, (policy_name, reward_name), run_id)
     acc = challenger_accuracy
     if acc is None:
         acc = evaluate.run(cfg, test_path, policy_dir)["eval/accuracy"]
     current = tracking.champion(c, policy_name)
-    champ_acc = None
-    if current is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            champ_dir = tracking.download_model(current.source, tmp)
-            champ_acc = evaluate.run(cfg, test_path, champ_dir)["eval/accuracy"]
-    promoted, reason = gate(acc, champ_acc, cfg.promote.margin)
+    champ_acc = _accuracy_of(cfg, test_path, current)
     version_tags = {**(tags or {}), tracking.ACCURACY_TAG: acc, "config_hash": cfg.hash(),
-                    "promotion_decision": "champion" if promoted else "rejected", "promotion_reason": reason}
-    with tempfile.TemporaryDirectory() as tmp:  # the registered policy: weights + tokenizer, no optimizer pickle
-        staged_policy = Path(tmp) / "policy"
-        shutil.copytree(policy_dir, staged_policy, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
-        pv = tracking.register_dir(c, policy_name, str(staged_policy), run_id, "policy", version_tags)
-    rv = None
-    if rm_dir:
-        with tempfile.TemporaryDirectory() as tmp:
-            staged = Path(tmp) / "reward_model"
-            shutil.copytree(rm_dir, staged)
-            if buffer_path:  # the next scheduled run carries the replay buffer forward from here
-                shutil.copy(buffer_path, staged / BUFFER_FILE)
-            rv = tracking.register_dir(c, reward_name, str(staged), run_id, "reward_model",
-                                       {**version_tags, "policy_version": pv})
-    c.set_registered_model_alias(policy_name, tracking.CHALLENGER, pv)
-    if rv:
-        c.set_registered_model_alias(reward_name, tracking.CHALLENGER, rv)
-    if promoted:
-        c.set_registered_model_alias(policy_name, tracking.CHAMPION, pv)
-        if rv:
-            c.set_registered_model_alias(reward_name, tracking.CHAMPION, rv)
+                    "promotion_decision": PENDING}
+    created: list[tuple[str, str]] = []
+    moved: list[tuple[str, str, str | None]] = []  # (model, alias, version it pointed to before)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:  # the registered policy: weights + tokenizer, no optimizer pickle
+            staged_policy = Path(tmp) / "policy"
+            shutil.copytree(policy_dir, staged_policy, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
+            pv = tracking.register_dir(c, policy_name, str(staged_policy), run_id, "policy", version_tags)
+            created.append((policy_name, pv))
+        rv = None
+        if rm_dir:
+            with tempfile.TemporaryDirectory() as tmp:
+                staged = Path(tmp) / "reward_model"
+                shutil.copytree(rm_dir, staged)
+                if buffer_path:  # the next scheduled run carries the replay buffer forward from here
+                    shutil.copy(buffer_path, staged / BUFFER_FILE)
+                rv = tracking.register_dir(c, reward_name, str(staged), run_id, "reward_model",
+                                           {**version_tags, "policy_version": pv})
+                created.append((reward_name, rv))
+        with promotion_lock(c, policy_name, run_id):
+            latest = tracking.champion(c, policy_name)
+            if _version(latest) != _version(current):  # promoted by another run since we looked: gate again
+                print(f"[promote] the champion changed to v{_version(latest)} meanwhile; gating against it",
+                      flush=True)
+                current, champ_acc = latest, _accuracy_of(cfg, test_path, latest)
+            promoted, reason = gate(acc, champ_acc, cfg.promote.margin)
+            updates = [(policy_name, tracking.CHALLENGER, pv)] + ([(reward_name, tracking.CHALLENGER, rv)] if rv else [])
+            if promoted:  # the reward model first: the policy alias is the one runs start from
+                updates += ([(reward_name, tracking.CHAMPION, rv)] if rv else []) + [(policy_name, tracking.CHAMPION, pv)]
+            for name, alias, version in updates:
+                moved.append((name, alias, _alias_version(c, name, alias)))
+                c.set_registered_model_alias(name, alias, version)
+    except BaseException:
+        _rollback(c, moved, created)
+        raise
+    decision_tag = "champion" if promoted else "rejected"
+    for name, version in created:
+        c.set_model_version_tag(name, version, "promotion_decision", decision_tag)
+        c.set_model_version_tag(name, version, "promotion_reason", reason)
     decision = Decision(promoted, reason, acc, champ_acc, str(current.version) if current else None, pv, rv)
-    c.set_tag(run_id, "promotion_decision", "champion" if promoted else "rejected")
+    c.set_tag(run_id, "promotion_decision", decision_tag)
     c.set_tag(run_id, "promotion_reason", reason)
     c.log_metric(run_id, "promote/challenger_accuracy", acc)
     if champ_acc is not None:
@@ -94,6 +121,114 @@ def run(cfg: Config, policy_dir: str, rm_dir: str | None, test_path: str, run_id
     print(f"[promote] {policy_name} v{pv}: {'PROMOTED to champion' if promoted else 'not promoted'} — {reason}",
           flush=True)
     return asdict(decision)
+
+
+PENDING = "pending"
+LOCK_SUFFIX = "-promotion-lock"
+
+
+def _version(mv) -> str | None:
+    return str(mv.version) if mv is not None else None
+
+
+def _accuracy_of(cfg: Config, test_path: str, mv) -> float | None:
+    """The held-out accuracy of registered version `mv` on this run's test split (None: no champion)."""
+    if mv is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        champ_dir = tracking.download_model(mv.source, tmp)
+        return evaluate.run(cfg, test_path, champ_dir)["eval/accuracy"]
+
+
+def _alias_version(c, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(c.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _rollback(c, moved: list[tuple[str, str, str | None]], created: list[tuple[str, str]]) -> None:
+    """Best effort after a failure: aliases back where they were, this attempt's versions deleted."""
+    left = []
+    for name, alias, before in reversed(moved):
+        try:
+            if before is None:
+                c.delete_registered_model_alias(name, alias)
+            else:
+                c.set_registered_model_alias(name, alias, before)
+        except Exception:  # the registry is unreachable: nothing more we can do now
+            left.append(f"{name}@{alias}")
+    for name, version in created:
+        try:
+            c.delete_model_version(name, version)
+        except Exception:
+            left.append(f"{name} v{version} (tagged promotion_decision={PENDING}, no alias)")
+    if left:
+        print(f"[promote] could not undo {left}; the next attempt of this run removes pending versions", flush=True)
+
+
+def drop_pending(c, model_names: tuple[str, ...], run_id: str) -> None:
+    """Delete versions an interrupted earlier attempt of `run_id` left `pending` and alias-free."""
+    from mlflow.exceptions import MlflowException
+
+    for name in model_names:
+        try:
+            versions = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        except MlflowException:
+            continue
+        for mv in versions:
+            if mv.tags.get("promotion_decision") == PENDING and not mv.aliases:
+                print(f"[promote] removing {name} v{mv.version}, left pending by an interrupted attempt", flush=True)
+                c.delete_model_version(name, mv.version)
+
+
+@contextlib.contextmanager
+def promotion_lock(c, name: str, owner: str, ttl_s: float | None = None, wait_s: float | None = None,
+                   poll_s: float = 0.5) -> Iterator[None]:
+    """Mutual exclusion of promotions of `name` across processes and machines.
+
+    The lock is a registered model `<name>-promotion-lock`: creating one is atomic in every
+    MLflow store (unique name), so exactly one promoter holds it; it is deleted on release.
+    A lock older than `ttl_s` (KFP_GRPO_PROMOTION_LOCK_TTL, default 1800 s) was left by a
+    killed promoter and is broken. Waits up to `wait_s` (KFP_GRPO_PROMOTION_LOCK_WAIT, 600 s).
+    """
+    import os
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    ttl_s = ttl_s if ttl_s is not None else float(os.environ.get("KFP_GRPO_PROMOTION_LOCK_TTL", "1800"))
+    wait_s = wait_s if wait_s is not None else float(os.environ.get("KFP_GRPO_PROMOTION_LOCK_WAIT", "600"))
+    lock = f"{name}{LOCK_SUFFIX}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            c.create_registered_model(lock, tags={"kfp_grpo.lock_owner": owner},
+                                      description="kfp-grpo promotion lock: exists while a run moves the aliases")
+            break
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        try:
+            held = c.get_registered_model(lock)
+        except MlflowException:  # released meanwhile
+            continue
+        if time.time() * 1000 - held.creation_timestamp > ttl_s * 1000:
+            print(f"[promote] breaking stale lock {lock} (held by {held.tags.get('kfp_grpo.lock_owner')})", flush=True)
+            with contextlib.suppress(MlflowException):
+                c.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"promotion lock {lock} held by run {held.tags.get('kfp_grpo.lock_owner')} "
+                               f"for more than {wait_s:g}s")
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            c.delete_registered_model(lock)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,10 +44,69 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def client(uri: str | None = None) -> "mlflow.MlflowClient":
-    """An MlflowClient for `uri` (also made the process default)."""
+    """An MlflowClient for `uri` (also made the process default); a server that does not
+    answer fails fast here (TrackingUnavailable naming the URI), not after minutes of retries."""
     uri = resolve_tracking_uri(uri)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(uri)
+
+
+class TrackingUnavailable(ConnectionError, ValueError):
+    """The MLflow tracking server does not answer; the message names the URI (never its credentials)."""
+
+
+_REACHABLE: set[str] = set()
+
+
+def redact(uri: str) -> str:
+    """`uri` without user:password@ (safe to print)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "://" not in uri or not (parts.username or parts.password):
+        return uri
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+
+
+def check_reachable(uri: str) -> None:
+    """One short probe of an http(s) tracking server's /health (once per process and URI).
+
+    MLflow's own client retries a dead server for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    default 7, exponential backoff): right for a blip in the middle of a run, wrong at the
+    start, where the user should learn at once that the URI is wrong or the server is down.
+    Any HTTP answer (even 401/404) counts as reachable; only no answer fails. Tunables:
+    KFP_GRPO_TRACKING_PROBE_TIMEOUT (s, default 5), KFP_GRPO_TRACKING_PROBE_ATTEMPTS (default 3).
+    """
+    import os
+    import time
+
+    if not uri.startswith(("http://", "https://")) or uri in _REACHABLE:
+        return
+    import requests
+
+    timeout = float(os.environ.get("KFP_GRPO_TRACKING_PROBE_TIMEOUT", "5"))
+    attempts = max(1, int(os.environ.get("KFP_GRPO_TRACKING_PROBE_ATTEMPTS", "3")))
+    verify: bool | str = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        verify = False
+    why = ""
+    for attempt in range(attempts):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout, verify=verify, allow_redirects=False)
+            _REACHABLE.add(uri)
+            return
+        except requests.exceptions.Timeout:
+            why = f"no answer within {timeout:g}s"
+        except requests.exceptions.SSLError:
+            why = "TLS handshake failed"
+        except requests.exceptions.RequestException:
+            why = "connection refused or host unreachable"
+        if attempt + 1 < attempts:
+            time.sleep(0.5 * 2 ** attempt)
+    raise TrackingUnavailable(f"MLflow tracking server {redact(uri)} is unreachable ({why}, {attempts} attempts); "
+                              "check tracking.tracking_uri / $MLFLOW_TRACKING_URI and that the server is up")
 
 
 # --------------------------------------------------------------------------- registry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -52,7 +53,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.local import run_local
 
     cfg = _config(args)
-    summary = run_local(cfg, Path(args.workdir), _init_args(args, cfg))
+    try:
+        summary = run_local(cfg, Path(args.workdir), _init_args(args, cfg), args.resume or "")
+    except PipelineFailed as err:
+        if err.parent_run_id:  # the same command, resuming the run: completed tasks are not run again
+            argv, skip = [], False
+            for a in getattr(args, "argv", None) or ["run", "--workdir", args.workdir]:
+                if skip or a == "--resume" or a.startswith("--resume="):
+                    skip = a == "--resume"
+                    continue
+                argv.append(a)
+            command = " ".join(shlex.quote(a) for a in ["kfp-grpo", *argv, "--resume", err.parent_run_id])
+            raise PipelineFailed(f"{err}; resume with: {command}", err.parent_run_id) from None
+        raise
     print(json.dumps(summary, indent=2) if args.json else summary["text"])
     return 0
 
@@ -153,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(r)
     r.add_argument("--workdir", default="kfp-grpo-runs", help="local outputs + embedded MLflow store")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.add_argument("--resume", metavar="MLFLOW_RUN_ID",
+                   help="continue an interrupted run (same --workdir, config and --set): completed tasks are skipped")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compile", help="write the pipeline IR YAML for a config")
@@ -190,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     args, rest = p.parse_known_args(argv)
+    args.argv = argv
     try:
         if getattr(args, "passthrough", False):
             return args.func(args, rest)

@@ -16,11 +16,11 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from components.config import Config
 
 
-def start_tracking(config: str, tracking_uri: str, init_policy_uri: str) -> str:
-    """Open the pipeline's parent MLflow run; returns its id."""
+def start_tracking(config: str, tracking_uri: str, init_policy_uri: str, resume_run_id: str = "") -> str:
+    """Open the pipeline's parent MLflow run (or reopen `resume_run_id`); returns its id."""
     from pipelines.runtime import start_parent_run
 
-    return start_parent_run(config, tracking_uri, init_policy_uri)
+    return start_parent_run(config, tracking_uri, init_policy_uri, resume_run_id)
 
 
 def prepare_data(config: str, parent_run_id: str, tracking_uri: str, train: Output[Dataset],

@@ -28,44 +28,73 @@ def prepare_tracking(cfg: Config, workdir: Path) -> str:
 
 
 class PipelineFailed(RuntimeError):
-    """A task of a local pipeline run failed."""
+    """A task of a local pipeline run failed (`parent_run_id`: the MLflow run to `--resume`)."""
+    def __init__(self, message: str, parent_run_id: str | None = None):
+        super().__init__(message)
+        self.parent_run_id = parent_run_id
 
 
-def mark_failed_runs(uri: str, experiment: str, since_ms: int) -> list[str]:
-    """Mark this run's still-RUNNING MLflow runs (parent and nested) as FAILED."""
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs = c.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and attributes.start_time >= {since_ms}")
-    for r in runs:
-        c.set_terminated(r.info.run_id, "FAILED")
-    return [r.info.run_id for r in runs]
+def mark_failed_runs(uri: str, experiment: str, since_ms: int, parent_run_id: str = "",
+                     status: str = "FAILED") -> tuple[list[str], str | None]:
+    """Mark this run's still-RUNNING MLflow runs (parent and nested) as FAILED.
 
 
-def run_local(cfg: Config, workdir: Path, init: dict[str, str]) -> dict:
-    """Compile-and-run the pipeline with kfp.local's SubprocessRunner; return a summary."""
+    Returns (marked run ids, the parent run's id). Never raises: the tracking server may
+    be what failed; then nothing is marked.
+    """
+    try:
+        c = tracking.client(uri)
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            return [], parent_run_id or None
+        since = f"attributes.start_time >= {since_ms}"
+        if parent_run_id:  # a resumed run started long ago: its own runs, not others'
+            since = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+        runs = c.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and {since}")
+        if parent_run_id:
+            runs = [c.get_run(parent_run_id)] + list(runs)
+        parent = parent_run_id or next((r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
+        for r in runs:
+            c.set_terminated(r.info.run_id, status)
+        return [r.info.run_id for r in runs], parent
+    except Exception as err:  # noqa: BLE001 — report, do not mask the pipeline's own failure
+        print(f"kfp-grpo: could not mark the MLflow runs {status}: {' '.join(str(err).split())[:300]}", flush=True)
+        return [], parent_run_id or None
+
+
+def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: str = "") -> dict:
+    """Compile-and-run the pipeline with kfp.local's SubprocessRunner; return a summary.
+
+    Task outputs are cached under `<workdir>/cache`; `resume_run_id` (an interrupted run's
+    MLflow parent run, same workdir and config) reruns only the tasks that did not complete.
+    """
     from kfp import local
 
+    from pipelines.runtime import reopen_parent_run
     from pipelines.pipeline import build_pipeline
 
     workdir.mkdir(parents=True, exist_ok=True)
+    if resume_run_id:
+        reopen_parent_run(tracking.client(uri), cfg, resume_run_id, reopen=False)  # a clear error before any task
     uri = prepare_tracking(cfg, workdir)
     # Expected locally: cluster placement is ignored and the project image is this environment.
     warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner.*")
     warnings.filterwarnings("ignore", message=r".*custom or non-Python base image.*")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str((workdir / "kfp").resolve()),
-               raise_on_error=True)
+               raise_on_error=True, enable_caching=True, cache_root=str((workdir / "cache").resolve()))
     print(f"kfp-grpo: running pipeline '{cfg.name}' locally ({cfg.loop.iterations} iterations × "
           f"{cfg.loop.steps_per_iteration} rounds); MLflow at {uri}", flush=True)
     start, started_ms = time.perf_counter(), int(time.time() * 1000)
     try:
-        task = build_pipeline(cfg)(tracking_uri=uri, **init)
+        task = build_pipeline(cfg, resume_run_id=resume_run_id, caching=True)(tracking_uri=uri, **init)
     except RuntimeError as err:  # kfp.local: a task failed (its log is above)
-        failed = mark_failed_runs(uri, cfg.tracking.experiment, started_ms)
+        failed, parent = mark_failed_runs(uri, cfg.tracking.experiment, started_ms, resume_run_id)
         reason = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(err).split()))  # drop kfp's colour codes
         raise PipelineFailed(f"{reason} — its log is above; MLflow run(s) {failed} marked "
-                             f"FAILED; outputs so far in {workdir.resolve()}") from None
+                             f"FAILED; outputs so far in {workdir.resolve()}", parent) from None
+    except KeyboardInterrupt:
+        _, parent = mark_failed_runs(uri, cfg.tracking.experiment, started_ms, resume_run_id, "KILLED")
+        raise PipelineFailed(f"interrupted; outputs so far in {workdir.resolve()}", parent) from None
     seconds = time.perf_counter() - start
     decision = json.loads(task.output)
     summary = {**decision, "seconds": round(seconds, 1), "tracking_uri": uri, "workdir": str(workdir.resolve())}

@@ -7,6 +7,7 @@ through kfp-kubernetes; local runs ignore it.
 """
 
 
+import contextvars
 from typing import Callable
 
 from kfp import dsl, kubernetes
@@ -20,11 +21,18 @@ MLFLOW_CLIENT_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "A
 MLFLOW_CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME")
 
 
+# Local runs (`kfp-grpo run`) cache task outputs so that `--resume` skips completed tasks. A
+# cache hit needs identical inputs, and every task takes the run's own parent_run_id, so
+# different runs never share a cache entry; start-tracking (which yields that id) never caches.
+# Compiled/cluster pipelines keep caching off (runs must retrain; KFP's retry resumes a run).
+_CACHING: contextvars.ContextVar[bool] = contextvars.ContextVar("kfp_grpo_caching", default=False)
+
+
 def place(task: dsl.PipelineTask, cfg: Config, stage: str, name: str) -> dsl.PipelineTask:
-    """Apply the stage's placement from the config (and disable caching: runs must retrain)."""
+    """Apply the stage's placement from the config (caching: off, except in local runs, see _CACHING)."""
     r: StageResources = cfg.cluster.resources(stage)
     task.set_display_name(name)
-    task.set_caching_options(False)
+    task.set_caching_options(_CACHING.get() and name != "start-tracking")
     if r.cpu_request:
         task.set_cpu_request(r.cpu_request)
     if r.memory_request:
@@ -57,8 +65,19 @@ def place(task: dsl.PipelineTask, cfg: Config, stage: str, name: str) -> dsl.Pip
     return task
 
 
-def build_pipeline(cfg: Config) -> Callable:
-    """The pipeline function for `cfg` (loop sizes and stage settings are compile-time)."""
+def build_pipeline(cfg: Config, resume_run_id: str = "", caching: bool = False) -> Callable:
+    """The pipeline function for `cfg` (loop sizes and stage settings are compile-time).
+
+    `caching`/`resume_run_id`: local runs only (`kfp-grpo run [--resume ID]`), see _CACHING.
+    """
+    token = _CACHING.set(caching)
+    try:
+        return _build_pipeline(cfg, resume_run_id)
+    finally:
+        _CACHING.reset(token)
+
+
+def _build_pipeline(cfg: Config, resume_run_id: str) -> Callable:
     ops = make_components(cfg)
     config = cfg.to_json()
     I, M, shards = cfg.loop.iterations, cfg.loop.steps_per_iteration, cfg.rollout.shards
@@ -68,8 +87,9 @@ def build_pipeline(cfg: Config) -> Callable:
     @dsl.pipeline(name=cfg.name, description="Iterative GRPO: SFT → RM → I × (M × (rollout → update) → RM replay "
                                              "→ eval) → promote, tracked in MLflow")
     def grpo_pipeline(tracking_uri: str = "", init_policy_uri: str = "", init_reward_uri: str = "") -> str:
-        start = place(ops.start_tracking(config=config, tracking_uri=tracking_uri, init_policy_uri=init_policy_uri),
-                      cfg, "prepare_data", "start-tracking")
+        resume = {"resume_run_id": resume_run_id} if resume_run_id else {}
+        start = place(ops.start_tracking(config=config, tracking_uri=tracking_uri, init_policy_uri=init_policy_uri,
+                                         **resume), cfg, "prepare_data", "start-tracking")
         shared = dict(config=config, parent_run_id=start.output, tracking_uri=tracking_uri)
         data = place(ops.prepare_data(**shared), cfg, "prepare_data", "prepare-data")
         train, test = data.outputs["train"], data.outputs["test"]

@@ -52,6 +52,7 @@ def run_task(stage: str, config_json: str, parent_run_id: str = "", tracking_uri
              metrics_artifact: Any = None, **kwargs: Any) -> dict:
     """Run `components.<stage>.run(cfg, **kwargs)` as a tracked pipeline task."""
     cfg = setup(config_json)
+    seed_everything(cfg.seed)
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     module = importlib.import_module(f"components.{stage}")
@@ -67,6 +68,7 @@ def run_task(stage: str, config_json: str, parent_run_id: str = "", tracking_uri
     if metrics_artifact is not None:
         for k, v in numeric.items():
             metrics_artifact.log_metric(k.replace("/", "."), v)
+        write_metrics_file(metrics_artifact)
     if parent_run_id:
         step = int(kwargs.get("step", kwargs.get("iteration", 0)))
         c = mlflow.MlflowClient()
@@ -74,6 +76,37 @@ def run_task(stage: str, config_json: str, parent_run_id: str = "", tracking_uri
             if k in numeric:
                 c.log_metric(parent_run_id, k, numeric[k], step=step)
     return result
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch/numpy/random before a stage: a task's outputs are a function of its inputs
+    (e.g. the reward model's freshly initialised score head), so a resumed run equals an
+    uninterrupted one."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def write_metrics_file(metrics_artifact: Any) -> None:
+    """Materialise the task's Metrics artifact as a JSON file.
+
+    KFP keeps metric values in executor metadata only; kfp.local's cache (2.17) treats an
+    output artifact whose file does not exist as a miss, so without this no task with a
+    Metrics output would ever be skipped by `kfp-grpo run --resume`.
+    """
+    import json
+
+    from components.io import atomic_path
+
+    if metrics_artifact is None:
+        return
+    with atomic_path(metrics_artifact.path, is_dir=False) as tmp:
+        tmp.write_text(json.dumps(dict(metrics_artifact.metadata), sort_keys=True, default=str))
 
 
 def resolve_model(uri: str, dst: str, tracking_uri: str, cfg_tracking_uri: str | None) -> bool:
@@ -108,6 +141,7 @@ def sft_or_resume(config_json: str, parent_run_id: str, tracking_uri: str, init_
     """Start from `init_policy_uri` when it resolves, else run SFT."""
     cfg = setup(config_json)
     if init_policy_uri and resolve_model(init_policy_uri, out_dir, tracking_uri, cfg.tracking.tracking_uri):
+        write_metrics_file(metrics_artifact)
         return
     run_task("sft", config_json, parent_run_id, tracking_uri, metrics_artifact, train_path=train_path,
              out_dir=out_dir)
@@ -120,17 +154,24 @@ def reward_model_or_resume(config_json: str, parent_run_id: str, tracking_uri: s
     cfg = setup(config_json)
     if init_reward_uri and resolve_model(init_reward_uri, out_dir, tracking_uri, cfg.tracking.tracking_uri):
         carry_buffer(cfg, init_reward_uri, train_path, out_dir, data_out)
+        write_metrics_file(metrics_artifact)
         return
     run_task("reward_model", config_json, parent_run_id, tracking_uri, metrics_artifact, train_path=train_path,
              policy_dir=policy_dir, out_dir=out_dir, data_out=data_out)
 
 
-def start_parent_run(config_json: str, tracking_uri: str, init_policy_uri: str = "") -> str:
-    """Create the pipeline's parent MLflow run (params: the flattened config); return its id."""
+def start_parent_run(config_json: str, tracking_uri: str, init_policy_uri: str = "", resume_run_id: str = "") -> str:
+    """Create the pipeline's parent MLflow run (params: the flattened config); return its id.
+
+    With `resume_run_id` (`kfp-grpo run --resume ID`), reopen that run instead.
+    """
     import pandas as pd
 
     cfg = setup(config_json)
     c = tracking.client(tracking_uri or cfg.tracking.tracking_uri)
+    if resume_run_id:
+        reopen_parent_run(c, cfg, resume_run_id)
+        return resume_run_id
     exp_id = tracking.ensure_experiment(c, cfg.tracking.experiment)
     tags = {"kfp_grpo.config_hash": cfg.hash(), "kfp_grpo.init_policy": init_policy_uri or "sft"}
     for var in ("KFP_RUN_ID", "KFP_POD_NAME"):
@@ -140,8 +181,45 @@ def start_parent_run(config_json: str, tracking_uri: str, init_policy_uri: str =
     flat = pd.json_normalize(cfg.model_dump(mode="json", exclude={"cluster"}), sep=".").iloc[0].to_dict()
     for k, v in flat.items():
         c.log_param(run.info.run_id, k, str(v)[:6000])
-    print(f"[tracking] MLflow parent run {run.info.run_id} in experiment '{cfg.tracking.experiment}'", flush=True)
+    print(f"[tracking] MLflow parent run {run.info.run_id} in experiment '{cfg.tracking.experiment}' "
+          f"(if interrupted, resume locally with: kfp-grpo run <same options> --resume {run.info.run_id})", flush=True)
     return run.info.run_id
+
+
+class ResumeError(ValueError):
+    """`--resume` names a run that cannot be resumed with this config."""
+
+
+def reopen_parent_run(c: "mlflow.MlflowClient", cfg: Config, run_id: str, reopen: bool = True) -> None:
+    """Check that `run_id` is a parent run of this config's pipeline; reopen it (RUNNING).
+
+    Nested runs still RUNNING belong to tasks killed with the old process: they are marked
+    KILLED (their tasks run again; completed tasks are cache hits and do not run).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = c.get_run(run_id)
+    except MlflowException:
+        raise ResumeError(f"cannot resume: no MLflow run {run_id} at {tracking.redact(c.tracking_uri)}") from None
+    tags = run.data.tags
+    if "mlflow.parentRunId" in tags or "kfp_grpo.config_hash" not in tags:
+        raise ResumeError(f"cannot resume: MLflow run {run_id} is not the parent run of a kfp-grpo pipeline")
+    if tags["kfp_grpo.config_hash"] != cfg.hash():
+        raise ResumeError(f"cannot resume run {run_id}: it ran config {tags['kfp_grpo.config_hash']}, this is "
+                          f"config {cfg.hash()}; resume with the same config and --set options")
+    if run.info.status == "FINISHED":
+        raise ResumeError(f"cannot resume run {run_id}: it already FINISHED")
+    if not reopen:
+        return
+    stale = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and "
+                                                    "attributes.status = 'RUNNING'")
+    for r in stale:
+        c.set_terminated(r.info.run_id, "KILLED")
+    c.update_run(run_id, status="RUNNING")
+    c.set_tag(run_id, "kfp_grpo.resumed", str(int(tags.get("kfp_grpo.resumed", "0")) + 1))
+    print(f"[tracking] resuming MLflow parent run {run_id} ({len(stale)} interrupted task run(s) marked KILLED)",
+          flush=True)
 
 
 def carry_buffer(cfg: Config, uri: str, train_path: str, rm_dir: str, data_out: str) -> None:
