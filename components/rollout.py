@@ -7,7 +7,6 @@ version, finish reason.
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np

@@ -9,8 +9,6 @@ import time
 import warnings
 from pathlib import Path
 
-import mlflow
-
 from components import tracking
 from components.config import Config
 
@@ -29,6 +27,7 @@ def prepare_tracking(cfg: Config, workdir: Path) -> str:
 
 class PipelineFailed(RuntimeError):
     """A task of a local pipeline run failed (`parent_run_id`: the MLflow run to `--resume`)."""
+
     def __init__(self, message: str, parent_run_id: str | None = None):
         super().__init__(message)
         self.parent_run_id = parent_run_id
@@ -37,7 +36,6 @@ class PipelineFailed(RuntimeError):
 def mark_failed_runs(uri: str, experiment: str, since_ms: int, parent_run_id: str = "",
                      status: str = "FAILED") -> tuple[list[str], str | None]:
     """Mark this run's still-RUNNING MLflow runs (parent and nested) as FAILED.
-
 
     Returns (marked run ids, the parent run's id). Never raises: the tracking server may
     be what failed; then nothing is marked.
@@ -70,13 +68,13 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
     """
     from kfp import local
 
-    from pipelines.runtime import reopen_parent_run
     from pipelines.pipeline import build_pipeline
+    from pipelines.runtime import reopen_parent_run
 
     workdir.mkdir(parents=True, exist_ok=True)
+    uri = prepare_tracking(cfg, workdir)
     if resume_run_id:
         reopen_parent_run(tracking.client(uri), cfg, resume_run_id, reopen=False)  # a clear error before any task
-    uri = prepare_tracking(cfg, workdir)
     # Expected locally: cluster placement is ignored and the project image is this environment.
     warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner.*")
     warnings.filterwarnings("ignore", message=r".*custom or non-Python base image.*")

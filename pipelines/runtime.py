@@ -13,7 +13,7 @@ import importlib
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 
@@ -49,18 +49,18 @@ def stage_run(stage: str, cfg: Config, parent_run_id: str, tracking_uri: str) ->
 
 
 def run_task(stage: str, config_json: str, parent_run_id: str = "", tracking_uri: str = "",
-             metrics_artifact: Any = None, **kwargs: Any) -> dict:
-    """Run `components.<stage>.run(cfg, **kwargs)` as a tracked pipeline task."""
+             metrics_artifact: Any = None, run_fn: Callable[..., dict] | None = None, **kwargs: Any) -> dict:
+    """Run `components.<stage>.run(cfg, **kwargs)` (or `run_fn`) as a tracked pipeline task."""
     cfg = setup(config_json)
     seed_everything(cfg.seed)
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    module = importlib.import_module(f"components.{stage}")
+    run_fn = run_fn or importlib.import_module(f"components.{stage}").run
     start = time.perf_counter()
     with stage_run(stage, cfg, parent_run_id, tracking_uri) as run_id:
         if run_id:
             tracking.log_params({k: v for k, v in kwargs.items() if k in STEP_PARAMS})
-        result = module.run(cfg, **kwargs)
+        result = run_fn(cfg, **kwargs)
         seconds = time.perf_counter() - start
         tracking.log_metrics({f"{stage}/seconds": seconds})
     numeric = {k: float(v) for k, v in result.items()

@@ -31,8 +31,6 @@ Kubernetes API; no TrainJob has been run on a real cluster by this project yet.
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import time
 import uuid
@@ -238,33 +236,20 @@ def run_multinode(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_di
 def grpo_update_task(config_json: str, parent_run_id: str, tracking_uri: str, metrics_artifact: Any,
                      rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out_dir: str, step: int) -> dict:
     """The pipeline's grpo_update task: in this pod (`grpo.nodes == 1`), or as a TrainJob across nodes."""
-    from pipelines.runtime import PARENT_METRICS, run_task, setup, stage_run
+    from pipelines.runtime import run_task, setup
 
-    kwargs = dict(rollout_paths=rollout_paths, policy_dir=policy_dir, ref_dir=ref_dir, out_dir=out_dir, step=step)
-    cfg = setup(config_json)
-    if cfg.grpo.nodes <= 1:
-        return run_task("grpo_update", config_json, parent_run_id, tracking_uri, metrics_artifact, **kwargs)
-    if tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    start = time.perf_counter()
-    with stage_run("grpo_update", cfg, parent_run_id, tracking_uri) as run_id:
-        result = run_multinode(cfg, mlflow_run_id=run_id, **kwargs)
-        from components import tracking
+    multinode = setup(config_json).grpo.nodes > 1
+    return run_task("grpo_update", config_json, parent_run_id, tracking_uri, metrics_artifact,
+                    run_fn=_run_multinode_tracked if multinode else None, rollout_paths=rollout_paths,
+                    policy_dir=policy_dir, ref_dir=ref_dir, out_dir=out_dir, step=step)
 
-        tracking.log_metrics({"grpo_update/seconds": time.perf_counter() - start})
-    numeric = {k: float(v) for k, v in result.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    if metrics_artifact is not None:
-        for k, v in numeric.items():
-            metrics_artifact.log_metric(k.replace("/", "."), v)
-    if parent_run_id:
-        import mlflow
 
-        c = mlflow.MlflowClient()
-        for k in PARENT_METRICS:
-            if k in numeric:
-                c.log_metric(parent_run_id, k, numeric[k], step=step)
-    return result
+def _run_multinode_tracked(cfg: Config, **kwargs: Any) -> dict:
+    """run_multinode inside the task's MLflow run (rank 0 of the job logs into it)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    return run_multinode(cfg, mlflow_run_id=active.info.run_id if active else None, **kwargs)
 
 
 def launcher_placement(task, cfg: Config) -> None:
