@@ -106,6 +106,16 @@ def _check_dir(path: str) -> None:
         raise ModelLoadError(f"{path} is not a HF model directory (no config.json)")
 
 
+def _short(err: BaseException) -> str:
+    """transformers' error without its list of every supported config class."""
+    text = str(err)
+    if "Unrecognized configuration class" in text:
+        kind = text.split("<class '")[1].split("'>")[0].rsplit(".", 1)[-1] if "<class '" in text else "the config"
+        auto = text.split("AutoModel: ")[1].split(".")[0] if "AutoModel: " in text else "this AutoModel class"
+        return f"{kind} is not an architecture {auto} can load"
+    return text
+
+
 def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer; it must carry a chat template (prompts go through it)."""
     _check_dir(path)
@@ -136,7 +146,11 @@ def load_policy(path: str, cfg: ModelConfig | None = None) -> tuple[PreTrainedMo
             path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
         )
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"cannot load a causal LM from {path}: {err}") from None
+        raise ModelLoadError(f"cannot load a causal LM from {path}: {_short(err)}") from None
+    if gguf:  # transformers dequantized the GGUF weights on load: a plain torch model from here on,
+        model.hf_quantizer = None  # which save_pretrained then writes as safetensors
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(default_device()), tok
 
@@ -151,7 +165,7 @@ def load_reward_model(path: str, cfg: ModelConfig | None = None) -> tuple[PreTra
             use_safetensors=cfg.use_safetensors or None,
         )
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"cannot load a reward model from {path}: {err}") from None
+        raise ModelLoadError(f"cannot load a reward model from {path}: {_short(err)}") from None
     model.config.pad_token_id = tok.pad_token_id
     return model.to(default_device()), tok
 
@@ -223,6 +237,34 @@ def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt
     entropy = None
     if with_entropy:
         entropy = -(logprobs.exp() * logprobs).sum(-1) * completion_mask
+    return logp, entropy
+
+
+def shared_prompt_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           prompt_index: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                           with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`completion_logprobs` for rows that share prompts, e.g. the G samples of a GRPO group.
+
+    prompt_ids/prompt_mask hold the distinct left-padded prompts [U, P]; row i continues
+    prompt prompt_index[i]. Each prompt runs through the model once, its KV cache is
+    repeated for its rows (gradients flow back through it), and only the completions run
+    per row. Returns (logp [N, T], entropy [N, T] or None) as `completion_logprobs`.
+    """
+    p_len = prompt_ids.shape[1]
+    position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = None if p_len < 2 else model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+                                         position_ids=position_ids[:, :-1], use_cache=True).past_key_values
+    if cache is None:  # a 1-token prompt, or no KV cache (e.g. activation checkpointing while training)
+        return completion_logprobs(model, prompt_ids[prompt_index], prompt_mask[prompt_index], completion_ids,
+                                   completion_mask, with_entropy)
+    cache.batch_select_indices(prompt_index)
+    ids = torch.cat([prompt_ids[prompt_index, -1:], completion_ids[:, :-1]], dim=1)  # predicts completion_ids
+    mask = torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1]], dim=1)   # cache + ids
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, p_len - 1:]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache).logits
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    logp = logprobs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask
+    entropy = -(logprobs.exp() * logprobs).sum(-1) * completion_mask if with_entropy else None
     return logp, entropy
 
 
