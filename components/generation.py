@@ -71,7 +71,7 @@ class _RowTemperature(LogitsProcessor):
 
 
 class HFBackend:
-    """`transformers.generate` over batches of (prompt × sample) rows."""
+    """`transformers.generate` over batches of whole groups (a prompt × its n samples), prompt prefilled once."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256):
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
@@ -84,15 +84,20 @@ class HFBackend:
         self.model.eval()
         out: list[Generation] = []
         start = time.perf_counter()
-        for sl in batched(len(rows), self.batch_size):
-            chunk = rows[sl]
-            enc = encode_prompts(self.tok, [prompts[p] for p, _ in chunk])
+        n = sampling.n
+        for psl in batched(len(prompts), max(1, self.batch_size // n)):  # whole groups per generate() call
+            chunk = rows[psl.start * n: psl.stop * n]
+            enc = encode_prompts(self.tok, prompts[psl])
             enc = {k: v.to(self.model.device) for k, v in enc.items()}
+            cache = self._shared_prefix(enc, n)
+            enc = {k: v.repeat_interleave(n, 0) for k, v in enc.items()}
             temps = torch.tensor([sampling.temperatures[k] for _, k in chunk], device=self.model.device)
             kw = dict(do_sample=False) if sampling.greedy else dict(
                 do_sample=True, temperature=1.0, top_p=sampling.top_p, top_k=0,
                 logits_processor=LogitsProcessorList([_RowTemperature(temps)]),
             )
+            if cache is not None:
+                kw["past_key_values"] = cache
             res = self.model.generate(
                 **enc, max_new_tokens=sampling.max_new_tokens, return_dict_in_generate=True,
                 output_scores=True, pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id, **kw,
@@ -116,6 +121,22 @@ class HFBackend:
         self.stats.seconds += time.perf_counter() - start
         self.stats.tokens += sum(len(g.token_ids) for g in out)
         return out
+
+    def _shared_prefix(self, enc: dict[str, torch.Tensor], n: int):
+        """The KV cache of each prompt but its last token, computed once and repeated for its n samples.
+
+        The n samples of a prompt share it: prefilling it once instead of n times removes
+        (n−1)/n of the prefill, most of a rollout's compute when prompts are longer than
+        completions. generate() then runs the last prompt token and samples as before.
+        """
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if n == 1 or ids.shape[1] < 2:
+            return None
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding, as generate() does
+        cache = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
+                           use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)
+        return cache
 
 
 def make_backend(name: str, policy_dir: str, model_cfg, rollout_cfg) -> Backend:

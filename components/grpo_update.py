@@ -1,6 +1,7 @@
 """Stage: the GRPO policy update on one round of rollouts.
 
-π_old log-probs are recomputed once at the start (the weights that sampled), π_ref
+π_old log-probs are the sampler's own when the rollouts were drawn from these weights
+at τ = 1 (checked on one minibatch), else recomputed once at the start; π_ref
 log-probs once from the reference model; then μ epochs over shuffled minibatches of
 the clipped objective in `components.grpo`. The AdamW state is saved beside the
 weights (``optimizer.pt``) so the next round continues it. A NaN/inf loss or gradient,
@@ -22,7 +23,8 @@ from components import distributed, tracking
 from components.config import Config
 from components.grpo import grpo_loss, zero_variance_fraction
 from components.io import read_parquet
-from components.modeling import batched, completion_logprobs, encode_prompts, load_policy, pad_right, save_model
+from components.modeling import batched, completion_logprobs, encode_prompts, load_policy, pad_right, save_model, \
+    shared_prompt_logprobs
 from components.stage_cli import config_from_args, main_wrapper, parser
 from components.training import DivergenceError, NonFiniteError
 
@@ -46,9 +48,39 @@ def _logprobs(model, tok, rows: pd.DataFrame, batch_size: int) -> list[torch.Ten
     out = []
     for sl in batched(len(rows), batch_size):
         t = _tensors(tok, rows.iloc[sl], model.device)
-        lp, _ = completion_logprobs(model, t["prompt_ids"], t["prompt_mask"], t["completion_ids"], t["completion_mask"])
+        lp, _ = _forward(model, t, rows.prompt_text.iloc[sl].tolist())
         out += [lp[i, : int(t["completion_mask"][i].sum())] for i in range(lp.shape[0])]
     return out
+
+
+def _forward(model, t: dict[str, torch.Tensor], texts: list[str], with_entropy: bool = False):
+    """`completion_logprobs` of a batch, each distinct prompt run once (the rows of a group share it)."""
+    first = {p: i for i, p in reversed(list(enumerate(texts)))}  # each distinct prompt's first row
+    if len(first) == len(texts):
+        return completion_logprobs(model, t["prompt_ids"], t["prompt_mask"], t["completion_ids"],
+                                   t["completion_mask"], with_entropy=with_entropy)
+    keep = sorted(first.values())
+    slot = {row: j for j, row in enumerate(keep)}
+    index = torch.tensor([slot[first[p]] for p in texts], device=t["prompt_ids"].device)
+    return shared_prompt_logprobs(model, t["prompt_ids"][keep], t["prompt_mask"][keep], index, t["completion_ids"],
+                                  t["completion_mask"], with_entropy=with_entropy)
+
+
+def _old_logprobs(cfg: Config, model, tok, rows: pd.DataFrame, batch_size: int) -> list[torch.Tensor]:
+    """π_old per row: the sampler's own log-probs when they are this policy's, else one no-grad pass.
+
+    `transformers.generate` in fp32 at τ = 1 without top-p samples from exactly these
+    log-probs (up to float rounding); recomputing them would repeat its forward passes.
+    One minibatch is recomputed to confirm the rollouts came from these weights.
+    """
+    rc, temps = cfg.rollout, rows.get("temperature")
+    if rc.backend == "hf" and rc.top_p == 1.0 and cfg.model.dtype == "float32" and temps is not None \
+            and bool((temps == 1.0).all()):
+        probe = _logprobs(model, tok, rows.iloc[:batch_size], batch_size)
+        sampler = [torch.tensor(list(lp), dtype=torch.float32, device=model.device) for lp in rows.sampler_logprobs]
+        if all(p.shape == s.shape and torch.allclose(p, s, rtol=0, atol=1e-3) for p, s in zip(probe, sampler)):
+            return probe + sampler[len(probe):]
+    return _logprobs(model, tok, rows, batch_size)
 
 
 def _pad(vectors: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -68,6 +100,17 @@ def load_rollouts(paths: list[str], columns: tuple[str, ...] = ROLLOUT_COLUMNS) 
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if df.empty:
         raise ValueError(f"no rollouts to learn from in {paths}")
+    if "completion_ids" in columns:  # an empty completion has no token to learn from (its loss would be 0/0)
+        empty = [i for i, ids in enumerate(df.completion_ids) if ids is None or len(ids) == 0]
+        if empty:
+            raise ValueError(f"rollouts {', '.join(map(str, paths))}: {len(empty)} of {len(df)} completion(s) are empty "
+                             f"(no completion tokens), first at row {empty[0]}")
+    for col in ("advantage", "reward"):
+        if col in columns:
+            bad = [i for i, v in enumerate(pd.to_numeric(df[col], errors="coerce")) if not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"rollouts {', '.join(map(str, paths))}: {col} is NaN/inf in {len(bad)} row(s), "
+                                 f"first at row {bad[0]}")
     return df
 
 
@@ -91,23 +134,12 @@ def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | N
             group.update(lr=g.lr, weight_decay=g.weight_decay)
     model.eval()
     mb = g.minibatch_size
-    old = _logprobs(model, tok, rows, mb)
+    old = _old_logprobs(cfg, model, tok, rows, mb)
     ref = None
     if g.beta > 0:
         ref_model = model if not ref_dir or ref_dir == policy_dir else load_policy(ref_dir, cfg.model)[0]
         ref = old if ref_model is model else _logprobs(ref_model, tok, rows, mb)
         del ref_model
-    if "completion_ids" in columns:  # an empty completion has no token to learn from (its loss would be 0/0)
-        empty = [i for i, ids in enumerate(df.completion_ids) if ids is None or len(ids) == 0]
-        if empty:
-            raise ValueError(f"rollouts {', '.join(map(str, paths))}: {len(empty)} of {len(df)} completion(s) are empty "
-                             f"(no completion tokens), first at row {empty[0]}")
-    for col in ("advantage", "reward"):
-        if col in columns:
-            bad = [i for i, v in enumerate(pd.to_numeric(df[col], errors="coerce")) if not math.isfinite(v)]
-            if bad:
-                raise ValueError(f"rollouts {', '.join(map(str, paths))}: {col} is NaN/inf in {len(bad)} row(s), "
-                                 f"first at row {bad[0]}")
     use_is = g.importance_sampling_cap is not None
 
     rng = random.Random(cfg.seed * 7919 + step)
@@ -121,8 +153,7 @@ def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | N
             idx = order[sl]
             t = _tensors(tok, rows.iloc[idx], model.device)
             model.train()
-            logp, entropy = completion_logprobs(model, t["prompt_ids"], t["prompt_mask"], t["completion_ids"],
-                                                t["completion_mask"], with_entropy=True)
+            logp, entropy = _forward(model, t, rows.prompt_text.iloc[idx].tolist(), with_entropy=True)
             width = logp.shape[1]
             loss, stats = grpo_loss(
                 logp, _pad([old[i] for i in idx], width), _pad([ref[i] for i in idx], width) if ref else None,
