@@ -7,7 +7,7 @@ temporary sibling of one) left behind.
 
 The README table (input → the error line the user sees) is generated from these runs:
     KFP_GRPO_WRITE_SNIPPET=1 python -m pytest tests/test_bad_inputs.py
-writes tests/README-reliability-snippet.md (the part between the table markers).
+rewrites the table in README.md (the part between the table markers).
 Single-stage variants already covered elsewhere (several stages per config error in
 tests/test_stages.py, loader edge cases in tests/test_tasks.py / test_modeling.py) are
 not repeated here; this table is the one place listing each kind once, end to end.
@@ -33,7 +33,7 @@ from components.io import write_parquet
 from pipelines import cli
 from tests.conftest import FAST
 
-SNIPPET = Path(__file__).resolve().parent / "README-reliability-snippet.md"
+SNIPPET = Path(__file__).resolve().parent.parent / "README.md"  # the table lives in the README
 BEGIN, END = "<!-- bad-input-table:begin -->", "<!-- bad-input-table:end -->"
 SMALL_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 # what every case's config starts from: tiny and fast (the bad part is merged on top)
@@ -254,7 +254,7 @@ def test_bad_input_is_one_error_line_exit_2_and_no_artifact(case: Case, env, tmp
 
 
 def test_readme_table_lists_every_kind():
-    """The README snippet's table has one row per kind (regenerated from the runs above on demand)."""
+    """The README table has one row per kind (regenerated from the runs above on demand)."""
     if os.environ.get("KFP_GRPO_WRITE_SNIPPET"):
         assert len(RESULTS) == len(CASES), "run the whole file to regenerate the table"
         rows = ["| # | kind | input | what the user sees (stderr, exit code 2) |", "|---|---|---|---|"]
