@@ -136,6 +136,7 @@ def run(cfg: Config, train_path: str, policy_dir: str, out_dir: str, data_out: s
     prompts = read_parquet(train_path, "training prompts", ["id", "prompt", "answer"])
     data = synthetic_rm_data(prompts, cfg.reward_model.negatives_per_prompt, cfg.seed)
     train, held = split_by_prompt(data, cfg.reward_model.heldout_fraction, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the new score head's initialisation
     rm, tok = load_backbone(policy_dir, cfg)
     rc = cfg.reward_model
     losses = fit(rm, tok, train, cfg, rc.steps, rc.lr, rc.batch_size, "reward_model")

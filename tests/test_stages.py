@@ -240,7 +240,8 @@ def test_rollout_rewards_are_the_weighted_sum_of_their_parts(rollout_result, rm_
         text = tok.apply_chat_template([{"role": "user", "content": row.prompt},
                                         {"role": "assistant", "content": row.completion}], tokenize=False)
         with torch.no_grad():
-            want = float(rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
+            score = rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0]
+        want = float(torch.sigmoid(score))  # reward.rm_squash (default): the RM's probability σ(r_φ)
         assert row.reward_rm == pytest.approx(want, abs=1e-4)
     assert df.reward_rm.std() > 0  # the reward model did score them
 
