@@ -202,7 +202,8 @@ def main() -> None:
     res = run(cfg, workdir, trace)
     t_end = time.time()
     out = analyse(res["tasks"], trace, t_start, t_end)
-    out.update(config="quick" if a.quick else "tiny.yaml", overrides=over, loadavg_start=load0, loadavg_end=loadavg(),
+    label = "tiny.yaml" + (" reduced (--quick)" if a.quick else "") + (f" with {json.dumps(over)}" if over else "")
+    out.update(config=label, overrides=over, loadavg_start=load0, loadavg_end=loadavg(),
                summary=res["summary"], pipeline_seconds=res["summary"].get("seconds"))
     try:
         out["mlflow_stage_seconds"] = mlflow_stage_seconds(res["summary"]["tracking_uri"])
