@@ -274,9 +274,9 @@ def run(cfg, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out
 
 def _update(cfg, ctx: Context, rollout_paths, policy_dir, ref_dir, out_dir, step) -> dict:
     from components import tracking
-    from components.grpo import grpo_loss, zero_variance_fraction
+    from components.grpo import grpo_loss
     from components.grpo_update import (OPTIMIZER_FILE, _check_divergence, _pad, _tensors, load_rollouts,
-                                        warmup_lr)
+                                        summarize_round, warmup_lr)
     from components.modeling import batched, completion_logprobs, load_policy
     from components.training import NonFiniteError
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -363,21 +363,9 @@ def _update(cfg, ctx: Context, rollout_paths, policy_dir, ref_dir, out_dir, step
             tracking.log_metrics({f"update/{k}": v for k, v in stats.items()}, step=step * 10_000 + opt_step)
             _check_divergence(cfg, stats, step, opt_step)
             opt_step += 1
-    seconds = time.perf_counter() - start
-    rewards = torch.tensor(rows.reward.to_numpy(), dtype=torch.float64)
-
-    def mean(key: str) -> float:
-        return sum(h[key] for h in history) / len(history)
-
-    metrics = {
-        "update/loss": mean("loss"), "update/kl": mean("kl"), "update/clip_fraction": mean("clip_fraction"),
-        "update/entropy": mean("entropy"), "update/grad_norm": mean("grad_norm"),
-        "update/ratio_max": max(h["ratio_max"] for h in history), "update/optimizer_steps": opt_step,
-        "update/reward_mean": float(rewards.mean()), "update/reward_std": float(rewards.std(correction=0)),
-        "update/zero_variance_groups": zero_variance_fraction(rewards, cfg.rollout.group_size),
-        "update/tokens_per_s": n_tokens / max(seconds, 1e-9), "update/world_size": ctx.world,
-    }
-    tracking.log_metrics({k + "_round": v for k, v in metrics.items()}, step=step)
+    metrics = summarize_round(cfg, rows, history, n_tokens, time.perf_counter() - start, step)
+    metrics["update/world_size"] = ctx.world
+    tracking.log_metrics({"update/world_size_round": ctx.world}, step=step)
     if ctx.is_main:
         print(f"[grpo_update] step {step}: {opt_step} optimizer steps on {ctx.world} ranks, loss "
               f"{metrics['update/loss']:.4f}, KL {metrics['update/kl']:.4f}, clip "

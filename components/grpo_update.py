@@ -179,7 +179,17 @@ def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | N
                                  step=step * 10_000 + opt_step)
             _check_divergence(cfg, stats, step, opt_step)
             opt_step += 1
-    seconds = time.perf_counter() - start
+    metrics = summarize_round(cfg, rows, history, n_tokens, time.perf_counter() - start, step)
+    print(f"[grpo_update] step {step}: {opt_step} optimizer steps, loss {metrics['update/loss']:.4f}, "
+          f"KL {metrics['update/kl']:.4f}, clip {metrics['update/clip_fraction']:.3f}, "
+          f"{metrics['update/tokens_per_s']:.0f} tok/s", flush=True)
+    save_model(model, tok, out_dir, extra={OPTIMIZER_FILE: opt.state_dict()})
+    return metrics
+
+
+def summarize_round(cfg: Config, rows: pd.DataFrame, history: list[dict[str, float]], n_tokens: int,
+                    seconds: float, step: int) -> dict[str, float]:
+    """The round's metrics from its per-optimizer-step stats (logged with a `_round` suffix)."""
     rewards = torch.tensor(rows.reward.to_numpy(), dtype=torch.float64)
 
     def mean(key: str) -> float:
@@ -188,16 +198,12 @@ def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | N
     metrics = {
         "update/loss": mean("loss"), "update/kl": mean("kl"), "update/clip_fraction": mean("clip_fraction"),
         "update/entropy": mean("entropy"), "update/grad_norm": mean("grad_norm"),
-        "update/ratio_max": max(h["ratio_max"] for h in history), "update/optimizer_steps": opt_step,
+        "update/ratio_max": max(h["ratio_max"] for h in history), "update/optimizer_steps": len(history),
         "update/reward_mean": float(rewards.mean()), "update/reward_std": float(rewards.std(correction=0)),
         "update/zero_variance_groups": zero_variance_fraction(rewards, cfg.rollout.group_size),
         "update/tokens_per_s": n_tokens / max(seconds, 1e-9),
     }
     tracking.log_metrics({k + "_round": v for k, v in metrics.items()}, step=step)
-    print(f"[grpo_update] step {step}: {opt_step} optimizer steps, loss {metrics['update/loss']:.4f}, "
-          f"KL {metrics['update/kl']:.4f}, clip {metrics['update/clip_fraction']:.3f}, "
-          f"{metrics['update/tokens_per_s']:.0f} tok/s", flush=True)
-    save_model(model, tok, out_dir, extra={OPTIMIZER_FILE: opt.state_dict()})
     return metrics
 
 
