@@ -144,7 +144,7 @@ def make_backend(name: str, policy_dir: str, model_cfg, rollout_cfg) -> Backend:
     if name == "vllm":
         from components.vllm_backend import VLLMBackend  # GPU-only extra
 
-        return VLLMBackend(policy_dir, rollout_cfg.vllm, seed=0)
+        return VLLMBackend(policy_dir, rollout_cfg.vllm, seed=0, model_cfg=model_cfg)
     from components.modeling import load_policy
 
     model, tok = load_policy(policy_dir, model_cfg)

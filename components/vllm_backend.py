@@ -23,9 +23,10 @@ How the `Sampling` maps onto vLLM:
   (`grpo.importance_sampling_cap`) uses them as π_behavior.
 
 vLLM is the optional `gpu` extra and is imported only when this backend is built.
-Status: written against the documented vLLM API (LLM, SamplingParams, RequestOutput /
-CompletionOutput); the conversion code is unit-tested on CPU with stand-in objects,
-the engine itself has not been run on a GPU by this project yet.
+Status: checked against vLLM 0.32.0 on CPU (`tests/install_vllm_api.sh`, `pytest -m vllm_api`):
+vLLM's own validation accepts `engine_kwargs` and `sampling_kwargs`, its output classes
+convert, its child-seed rule is the one above. The engine itself (generation on a GPU) has
+not been run by this project yet.
 """
 
 from __future__ import annotations
@@ -129,6 +130,25 @@ def to_generations(outputs: Sequence[Any], requests: Sequence[Request], eos_toke
     return gens
 
 
+def engine_kwargs(policy_dir: str, cfg, seed: int = 0, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` (vLLM's `EngineArgs`) for a policy directory and `rollout.vllm`."""
+    return dict(
+        model=policy_dir, tokenizer=policy_dir, tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization, dtype=cfg.dtype, seed=seed,
+        enforce_eager=cfg.enforce_eager, trust_remote_code=trust_remote_code,
+        # log-probs of the distribution sampled from (after temperature / top-p), like HFBackend
+        logprobs_mode="processed_logprobs",
+    )
+
+
+def sampling_kwargs(req: Request, sampling: Sampling) -> dict[str, Any]:
+    """Keyword arguments of the `vllm.SamplingParams` of one request."""
+    greedy = req.temperature == 0.0
+    return dict(n=1 if greedy else len(req.sample_indices), temperature=req.temperature,
+                top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens, seed=req.seed,
+                logprobs=0, skip_special_tokens=True)
+
+
 class VLLMBackend:
     """vLLM engine over a policy directory (a standard HF directory)."""
 
@@ -140,21 +160,7 @@ class VLLMBackend:
         trust = bool(getattr(model_cfg, "trust_remote_code", False))
         self.tok = load_tokenizer(policy_dir, None, trust)  # rollout.py templates prompts with it
         self.stats = GenerationStats()
-        self.llm = vllm.LLM(
-            model=policy_dir, tokenizer=policy_dir, tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization, dtype=cfg.dtype, seed=seed,
-            enforce_eager=cfg.enforce_eager, trust_remote_code=trust,
-            # log-probs of the distribution sampled from (after temperature / top-p), like HFBackend
-            logprobs_mode="processed_logprobs",
-        )
-
-    def sampling_params(self, req: Request, sampling: Sampling):
-        n = 1 if req.temperature == 0.0 else len(req.sample_indices)
-        return self.SamplingParams(
-            n=n, temperature=req.temperature, top_p=1.0 if req.temperature == 0.0 else sampling.top_p,
-            max_tokens=sampling.max_new_tokens, seed=req.seed, logprobs=0,
-            skip_special_tokens=True,
-        )
+        self.llm = vllm.LLM(**engine_kwargs(policy_dir, cfg, seed, trust))
 
     def prompt_ids(self, prompts: Iterable[str]) -> list[list[int]]:
         """Token ids of the templated prompts, without adding special tokens (the template has the BOS)."""
@@ -166,7 +172,7 @@ class VLLMBackend:
         start = time.perf_counter()
         outputs = self.llm.generate(
             [{"prompt_token_ids": ids[r.prompt_index]} for r in requests],
-            sampling_params=[self.sampling_params(r, sampling) for r in requests], use_tqdm=False,
+            sampling_params=[self.SamplingParams(**sampling_kwargs(r, sampling)) for r in requests], use_tqdm=False,
         )
         gens = to_generations(outputs, requests, self.tok.eos_token_id,
                               lambda t: self.tok.decode(t, skip_special_tokens=True))

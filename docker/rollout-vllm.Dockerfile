@@ -2,7 +2,7 @@
 # Rollout image: samples G completions per prompt with vLLM (tensor parallel,
 # rollouts sharded across pods) — the project installed with its `gpu` extra.
 #
-# vLLM pins its torch version exactly (vllm 0.33.0 -> torch 2.13.0, the same torch
+# vLLM pins its torch version exactly (vllm 0.32.0 -> torch 2.13.0, the same torch
 # as the trainer images) and a transformers range inside the project's own range,
 # so the rollout and trainer images load each other's checkpoints unchanged.
 #
@@ -11,7 +11,7 @@ FROM python:3.11.13-slim-bookworm
 
 ARG VERSION=0.1.0
 ARG TORCH_VERSION=2.13.0
-ARG VLLM_VERSION=0.33.0
+ARG VLLM_VERSION=0.32.0
 
 LABEL org.opencontainers.image.title="kfp-grpo rollout (vLLM)" \
       org.opencontainers.image.description="Iterative GRPO rollout stage for Kubeflow Pipelines, vLLM on CUDA" \

@@ -10,7 +10,9 @@ What runs here on CPU, for real:
 - create/wait/delete of TrainJobs against that fake API (Complete, Failed, timeout);
 - the truncated importance-sampling correction on rollouts whose sampler log-probs match
   (temperature 1) or differ from (temperature 0.7) the trainer's;
-- VLLMBackend's conversion of vLLM-shaped outputs, with stand-in objects (not vLLM).
+- VLLMBackend's conversion of vLLM-shaped outputs, with stand-in objects (not vLLM);
+- where vLLM is installed (`tests/install_vllm_api.sh`: imports only, no GPU): the same conversion on
+  vLLM's own output classes, and vLLM's own validation of our engine and sampling arguments.
 
 Tests that need a GPU (real vLLM, NCCL/bf16 FSDP) are skipped here: no GPU was lent to
 this task, so those paths have not been run.
@@ -19,6 +21,7 @@ this task, so those paths have not been run.
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -40,12 +43,14 @@ from components.config import ConfigError, VLLMConfig, parse_config
 from components.generation import Generation, HFBackend, Sampling, group_temperatures
 from components.grpo import group_advantages
 from components.modeling import completion_logprobs, encode_prompts, load_policy, pad_right
-from components.vllm_backend import INSTALL_HINT, Request, VLLMUnavailableError, plan_requests, to_generations
+from components.vllm_backend import (INSTALL_HINT, Request, VLLMUnavailableError, engine_kwargs, plan_requests,
+                                     sampling_kwargs, to_generations)
 from pipelines import trainer_job
 from tests.conftest import fast_config
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_GPU = "requires GPU (not lent to this task)"
+NO_VLLM = "vLLM not installed (CPU API check: bash tests/install_vllm_api.sh; PYTHONPATH=.vllm-api pytest -m vllm_api)"
 
 
 def has_vllm() -> bool:
@@ -275,20 +280,58 @@ def test_plan_requests_groups_equal_temperatures_with_distinct_seeds():
     assert [(r.sample_indices, r.temperature) for r in greedy] == [((0, 1, 2), 0.0)] * 2
 
 
-def test_vllm_output_conversion_gives_the_hf_backend_generations(untrained_policy):
-    """Checks OUR conversion code only, not vLLM: HFBackend's generations are rewritten as objects with the
-    attribute names of vLLM's RequestOutput/CompletionOutput/Logprob (one request per prompt and temperature,
-    as VLLMBackend sends them), and `to_generations` must give back Generations with the same fields,
-    types and values."""
+def real_vllm_outputs(flat: bool):
+    """Builders of vLLM's own RequestOutput / CompletionOutput / Logprob (per-position dicts or FlatLogprobs)."""
+    from vllm.logprobs import FlatLogprobs
+    from vllm.logprobs import Logprob as VLogprob
+    from vllm.outputs import CompletionOutput as VCompletion
+    from vllm.outputs import RequestOutput as VRequest
+
+    def completion(index, token_ids, logprobs, finish_reason):
+        per_position = [{t: VLogprob(logprob=lp, rank=1, decoded_token=None)} for t, lp in zip(token_ids, logprobs)]
+        if flat:
+            container = FlatLogprobs()
+            for pos in per_position:
+                container.append(pos)
+            per_position = container
+        return VCompletion(index=index, text="", token_ids=list(token_ids), cumulative_logprob=sum(logprobs),
+                           logprobs=per_position, finish_reason=finish_reason)
+
+    def request(outputs):
+        return VRequest(request_id="0", prompt=None, prompt_token_ids=[1], prompt_logprobs=None, outputs=outputs,
+                        finished=True)
+
+    return completion, request
+
+
+OUTPUT_CLASSES = [
+    pytest.param("stand-in", id="stand-in-classes"),
+    pytest.param("vllm", id="vllm-classes", marks=[pytest.mark.vllm_api]),
+    pytest.param("vllm-flat", id="vllm-flat-logprobs", marks=[pytest.mark.vllm_api]),
+]
+
+
+@pytest.mark.parametrize("classes", OUTPUT_CLASSES)
+def test_vllm_output_conversion_gives_the_hf_backend_generations(untrained_policy, classes):
+    """HFBackend's generations are rewritten as vLLM outputs (one request per prompt and temperature, as
+    VLLMBackend sends them), and `to_generations` must give back Generations with the same fields, types and
+    values. With "stand-in" the outputs are objects with vLLM's attribute names (checks our code only); with
+    "vllm"/"vllm-flat" they are the installed vLLM's own classes (skipped where vLLM is not installed)."""
+    if classes == "stand-in":
+        completion, request = CompletionOutput, RequestOutput
+    else:
+        if not has_vllm():
+            pytest.skip(NO_VLLM)
+        completion, request = real_vllm_outputs(flat=classes == "vllm-flat")
     model, tok = load_policy(str(untrained_policy))
     sampling = Sampling(n=4, temperatures=[0.7, 0.7, 1.3, 1.3], max_new_tokens=12, top_p=0.95, seed=3)
     prompts = ["<|user|>1+2<|assistant|>", "<|user|>30+4<|assistant|>", "<|user|>7+7<|assistant|>"]
     hf = HFBackend(model, tok, batch_size=5).generate(prompts, sampling)
     by_key = {(g.prompt_index, g.sample_index): g for g in hf}
     requests = plan_requests(len(prompts), sampling)
-    outputs = [RequestOutput([CompletionOutput(j, by_key[r.prompt_index, k].token_ids, by_key[r.prompt_index, k].logprobs,
-                                               by_key[r.prompt_index, k].finish_reason)
-                              for j, k in enumerate(r.sample_indices)]) for r in requests]
+    outputs = [request([completion(j, by_key[r.prompt_index, k].token_ids, by_key[r.prompt_index, k].logprobs,
+                                   by_key[r.prompt_index, k].finish_reason)
+                        for j, k in enumerate(r.sample_indices)]) for r in requests]
     converted = to_generations(outputs, requests, tok.eos_token_id, lambda t: tok.decode(t, skip_special_tokens=True))
     key = lambda g: (g.prompt_index, g.sample_index)  # noqa: E731
     assert sorted(converted, key=key) == sorted(hf, key=key)
@@ -297,6 +340,68 @@ def test_vllm_output_conversion_gives_the_hf_backend_generations(untrained_polic
         for f in fields(Generation):
             assert type(getattr(g, f.name)) is type(getattr(by_key[key(g)], f.name)), f.name
         assert all(type(x) is int for x in g.token_ids) and all(type(x) is float for x in g.logprobs)
+
+
+@pytest.mark.vllm_api
+@pytest.mark.skipif(not has_vllm(), reason=NO_VLLM)
+def test_installed_vllm_accepts_our_engine_and_sampling_arguments(untrained_policy):
+    """vLLM's own validation (no GPU needed): the engine arguments VLLMBackend passes build a vLLM
+    ModelConfig of the policy directory; every request's SamplingParams validate with the n, temperature,
+    top-p, seed and logprobs we mean; vLLM gives the i-th child of a seeded request seed + i (the seeding
+    plan_requests relies on); vLLM's tokenizer of the policy directory gives the prompt ids we send."""
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.tokenizers import get_tokenizer
+    from vllm.v1.engine.parallel_sampling import ParentRequest
+
+    cfg = VLLMConfig(dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
+    model_config = EngineArgs(**engine_kwargs(str(untrained_policy), cfg, seed=5)).create_model_config()
+    assert model_config.logprobs_mode == "processed_logprobs" and model_config.dtype == torch.float32
+    assert model_config.seed == 5 and model_config.hf_config.architectures == ["LlamaForCausalLM"]
+    with pytest.raises(Exception, match="logprobs_mode"):  # the field is validated, not silently dropped
+        EngineArgs(**{**engine_kwargs(str(untrained_policy), cfg), "logprobs_mode": "bogus"}).create_model_config()
+
+    schedule = Sampling(n=4, temperatures=group_temperatures(4, 1.0, (0.6, 1.4)), max_new_tokens=9, top_p=0.9,
+                        seed=40)
+    constant = Sampling(n=4, temperatures=[0.8] * 4, max_new_tokens=9, top_p=0.95, seed=40)
+    greedy = Sampling(n=4, temperatures=[1.0] * 4, max_new_tokens=9, greedy=True, seed=40)
+    child_seeds = []
+    for sampling in (schedule, constant, greedy):
+        for r in plan_requests(3, sampling):
+            sp = SamplingParams(**sampling_kwargs(r, sampling))
+            assert (sp.n, sp.temperature, sp.seed, sp.logprobs, sp.max_tokens) == (
+                1 if sampling.greedy else len(r.sample_indices), r.temperature, r.seed, 0, 9)
+            assert sp.top_p == (1.0 if sampling.greedy else sampling.top_p)
+            if sampling is constant:
+                parent = ParentRequest.__new__(ParentRequest)  # only the fields _get_child_sampling_params reads
+                parent.sampling_params, parent.cached_child_sampling_params = sp, None
+                child_seeds += [parent._get_child_sampling_params(i).seed for i in range(sp.n)]
+    assert sorted(child_seeds) == list(range(40, 40 + 3 * 4))  # one distinct seed per (prompt, sample)
+
+    _, tok = load_policy(str(untrained_policy))
+    vtok = get_tokenizer(str(untrained_policy))
+    prompt = "<|user|>12+7<|assistant|>"
+    assert vtok(prompt, add_special_tokens=False)["input_ids"] == tok(prompt, add_special_tokens=False)["input_ids"]
+    assert vtok.eos_token_id == tok.eos_token_id
+
+
+@pytest.mark.vllm_api
+@pytest.mark.skipif(not has_vllm(), reason=NO_VLLM)
+def test_rollout_image_pins_the_vllm_that_pins_the_trainers_torch():
+    """The installed vLLM (the Dockerfile's VLLM_VERSION, by tests/install_vllm_api.sh) requires exactly the
+    torch the image installs, and a transformers range that meets the project's: the image's pip install resolves."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    text = (ROOT / "docker" / "rollout-vllm.Dockerfile").read_text()
+    arg = lambda name: re.search(rf"^ARG {name}=(\S+)$", text, re.M).group(1)  # noqa: E731
+    assert version("vllm") == arg("VLLM_VERSION")
+    reqs = {r.name: r for r in map(Requirement, requires("vllm")) if not r.marker or r.marker.evaluate()}
+    assert reqs["torch"].specifier.contains(arg("TORCH_VERSION")), reqs["torch"]
+    ours = next(Requirement(r) for r in requires("kfp-grpo") if r.startswith("transformers"))
+    lo = re.search(r">=?([\d.]+)", str(reqs["transformers"].specifier)).group(1)
+    assert ours.specifier.contains(lo), (ours, reqs["transformers"])
 
 
 def test_vllm_conversion_cuts_at_eos_and_rejects_aborts():
