@@ -1,29 +1,27 @@
 """The GRPO update on several processes: torchrun + FSDP2 (one pod, or a Kubeflow Trainer job).
 
-`components.grpo_update.run` comes here in two cases:
-- `grpo.nproc_per_node > 1` and the stage is not already under torchrun: `launch` re-runs
+The update itself is `components.grpo_update.update`, one loop for one process and for
+every rank; this module holds what several processes add to it:
+- `launch`: with `grpo.nproc_per_node > 1` and the stage not already under torchrun, re-run
   the stage as ``python -m torch.distributed.run --standalone --nproc-per-node N -m
-  components.grpo_update ...`` in the same pod and returns rank 0's metrics;
-- the process is a rank of a torchrun launch (``WORLD_SIZE > 1``; by `launch`, by hand, or
-  in a Trainer job's pods): `run` does the update.
-
-What `run` does, next to the single-process loop in `grpo_update.run`:
-- one process group (NCCL on CUDA, gloo on CPU); the model (and the reference model) is
-  sharded with FSDP2 `fully_shard` per decoder layer and at the root; on CUDA with
+  components.grpo_update ...`` in the same pod and return rank 0's metrics;
+- `run_rank`: in a rank of a torchrun launch (``WORLD_SIZE > 1``; by `launch`, by hand, or in
+  a Trainer job's pods) join the process group (NCCL on CUDA, gloo on CPU), hand rank 0 the
+  task's MLflow run, run the update, write rank 0's metrics;
+- `Context`: rank, world size, device, and the two collectives the update uses (sums / max
+  of its stats, all-gather of per-row log-probs); with one process they do nothing;
+- `shard_model`: FSDP2 `fully_shard` per decoder layer and at the root; on CUDA with
   `grpo.bf16` the compute runs in bfloat16 (master weights, optimizer state and gradient
-  reduction stay float32); `grpo.gradient_checkpointing` turns on HF's non-reentrant
-  activation checkpointing;
-- every rank reads all rollouts and draws the same shuffle as the single-process run, so
-  the minibatches are the same; each rank takes its slice ``idx[rank::world]`` of every
-  minibatch. The loss is the same `components.grpo.grpo_loss` on each slice, weighted by
-  the slice's share of the minibatch (outputs, or tokens for `loss_agg: token`) and by the
-  world size (FSDP averages gradients), so the summed gradient is the full minibatch's;
-- the stats (loss, KL, clip fraction, ratios, entropy) are all-reduced, so every rank sees
-  the numbers the single-process run would log, and NaN / divergence checks stop all ranks;
-- π_old / π_ref log-probs are computed on each rank's share of the rows and all-gathered;
-- only rank 0 writes: the full state dict gathered to rank 0, saved as the same standard HF
-  directory + ``optimizer.pt`` (in the single-process format, so either path can continue
-  the other), then a barrier.
+  reduction stay float32); `enable_gradient_checkpointing`: HF's non-reentrant checkpointing;
+- `load_optimizer_state` / `save_sharded`: the single-process checkpoint format (HF directory
+  + ``optimizer.pt`` with integer keys) read into and gathered out of the sharded model, so
+  either path can continue the other.
+
+How the ranks split the work (in `grpo_update.update`): every rank reads all rollouts and
+draws the same shuffle as one process would, takes its slice ``idx[rank::world]`` of each
+minibatch, and weights the same `components.grpo.grpo_loss` on it by the slice's share of the
+minibatch times the world size (FSDP averages gradients), so the summed gradient is the full
+minibatch's; the logged stats are all-reduced, so NaN / divergence checks stop all ranks.
 
 On CPU (gloo) this runs for real in the tests; on CUDA/NCCL it has not been run by this
 project yet (no GPU was available when it was written).
@@ -32,15 +30,14 @@ project yet (no GPU was available when it was written).
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -134,13 +131,42 @@ def _project_root() -> str:
 # --------------------------------------------------------------------------- process group
 @dataclass
 class Context:
+    """Where this process stands: rank `rank` of `world`, computing on `device`."""
+
     rank: int
     world: int
     device: torch.device
 
+    @classmethod
+    def single(cls) -> "Context":
+        """One process, no process group (the default update)."""
+        from components.modeling import default_device
+
+        return cls(0, 1, default_device())
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Element-wise sum (or "max") of `values` over the ranks."""
+        if not self.sharded:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def gather_rows(self, local: dict[int, torch.Tensor], n: int) -> list[torch.Tensor]:
+        """Rows 0..n−1 from the ranks' {row: tensor} parts (on the CPU when gathered from several ranks)."""
+        if self.sharded:
+            parts: list[dict[int, torch.Tensor] | None] = [None] * self.world
+            dist.all_gather_object(parts, {i: v.float().cpu() for i, v in local.items()})
+            local = {i: v for part in parts for i, v in part.items()}
+        return [local[i] for i in range(n)]
 
 
 def init() -> Context:
@@ -185,52 +211,8 @@ def shard_model(model: torch.nn.Module, ctx: Context, bf16: bool) -> torch.nn.Mo
     return model
 
 
-def _all_reduce(values: list[float], ctx: Context, op=dist.ReduceOp.SUM) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
-def _even_slices(n: int, parts: int) -> list[slice]:
-    """`parts` consecutive slices covering range(n) (some empty when n < parts)."""
-    base, extra = divmod(n, parts)
-    out, start = [], 0
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
-        out.append(slice(start, start + size))
-        start += size
-    return out
-
-
-@torch.no_grad()
-def sharded_logprobs(model, tok, rows, batch_size: int, ctx: Context) -> list[torch.Tensor]:
-    """Per-row log-prob vectors of all rows: each rank does rows[rank::world], then all-gather.
-
-    Every rank runs the same number of forward passes (FSDP's collectives need it); a rank
-    with no rows left runs a throw-away forward on row 0.
-    """
-    from components.grpo_update import _tensors
-    from components.modeling import completion_logprobs
-
-    mine = list(range(ctx.rank, len(rows), ctx.world))
-    n_batches = max(1, math.ceil(math.ceil(len(rows) / ctx.world) / batch_size))
-    local: dict[int, torch.Tensor] = {}
-    model.eval()
-    for sl in _even_slices(len(mine), n_batches):
-        part = mine[sl] or [0]
-        t = _tensors(tok, rows.iloc[part], ctx.device)
-        lp, _ = completion_logprobs(model, t["prompt_ids"], t["prompt_mask"], t["completion_ids"], t["completion_mask"])
-        if mine[sl]:
-            for j, i in enumerate(part):
-                local[i] = lp[j, : int(t["completion_mask"][j].sum())].float().cpu()
-    gathered: list[dict[int, torch.Tensor] | None] = [None] * ctx.world
-    dist.all_gather_object(gathered, local)
-    merged = {i: v for part in gathered for i, v in part.items()}
-    return [merged[i] for i in range(len(rows))]
-
-
 # --------------------------------------------------------------------------- optimizer state
-def _param_names(model: torch.nn.Module) -> list[str]:
+def param_names(model: torch.nn.Module) -> list[str]:
     """Names of `model.parameters()` in order (what AdamW's integer state keys index)."""
     return [n for n, _ in model.named_parameters()]
 
@@ -248,10 +230,24 @@ def names_to_ids(state: dict, names: list[str]) -> dict:
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
 
 
+def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, names: list[str],
+                         ctx: Context) -> None:
+    """Load a single-process AdamW state (``optimizer.pt``) into `opt`, sharded or not."""
+    if not ctx.sharded:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, ids_to_names(state, names), options=StateDictOptions(full_state_dict=True))
+
+
 # --------------------------------------------------------------------------- the update
-def run(cfg, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out_dir: str,
-        step: int = 0) -> dict | None:
-    """One rank of the distributed update; returns the metrics on rank 0, None elsewhere."""
+def run_rank(update: Callable[[Context], dict]) -> dict | None:
+    """Run `update` as one rank of a torchrun launch; return its metrics on rank 0, None elsewhere.
+
+    Rank 0 logs into the MLflow run `launch` handed over (``KFP_GRPO_MLFLOW_RUN_ID``) and
+    writes the metrics where `launch` reads them (``KFP_GRPO_METRICS_OUT``).
+    """
     ctx = init()
     mlflow_run = None
     try:
@@ -259,7 +255,7 @@ def run(cfg, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out
             import mlflow
 
             mlflow_run = mlflow.start_run(run_id=os.environ[RUN_ID_ENV])
-        metrics = _update(cfg, ctx, rollout_paths, policy_dir, ref_dir, out_dir, step)
+        metrics = update(ctx)
         if ctx.is_main and os.environ.get(METRICS_ENV):
             Path(os.environ[METRICS_ENV]).write_text(json.dumps(metrics))
         return metrics if ctx.is_main else None
@@ -270,108 +266,6 @@ def run(cfg, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out
             mlflow.end_run()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _update(cfg, ctx: Context, rollout_paths, policy_dir, ref_dir, out_dir, step) -> dict:
-    from components import tracking
-    from components.grpo import grpo_loss
-    from components.grpo_update import (OPTIMIZER_FILE, _check_divergence, _pad, _tensors, load_rollouts,
-                                        summarize_round, warmup_lr)
-    from components.modeling import batched, completion_logprobs, load_policy
-    from components.training import NonFiniteError
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    import random
-
-    g = cfg.grpo
-    rows = load_rollouts(rollout_paths)
-    model, tok = load_policy(policy_dir, cfg.model)  # on this rank's GPU (or CPU), whole, then sharded
-    names, model_cls = _param_names(model), type(model)
-    if g.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    shard_model(model, ctx, g.bf16)
-    opt = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
-    opt_file = Path(policy_dir) / OPTIMIZER_FILE
-    if opt_file.exists():
-        full = ids_to_names(torch.load(opt_file, weights_only=True), names)
-        set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
-        for group in opt.param_groups:  # the config, not the checkpoint, owns the hyper-parameters
-            group.update(lr=g.lr, weight_decay=g.weight_decay)
-    mb = g.minibatch_size
-    old = sharded_logprobs(model, tok, rows, mb, ctx)
-    ref = None
-    if g.beta > 0:
-        if not ref_dir or ref_dir == policy_dir:
-            ref = old
-        else:
-            ref_model = shard_model(load_policy(ref_dir, cfg.model)[0], ctx, g.bf16)
-            ref = sharded_logprobs(ref_model, tok, rows, mb, ctx)
-            del ref_model
-    use_is = g.importance_sampling_cap is not None
-    lengths = [len(x) for x in rows.completion_ids]
-
-    rng = random.Random(cfg.seed * 7919 + step)  # the single-process run's shuffle: same minibatches
-    history: list[dict[str, float]] = []
-    n_tokens, start, opt_step = 0, time.perf_counter(), 0
-    for epoch in range(g.epochs):
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        for sl in batched(len(order), mb):
-            idx = order[sl]
-            mine = idx[ctx.rank::ctx.world]
-            total_tokens = sum(lengths[i] for i in idx)
-            t = _tensors(tok, rows.iloc[mine or idx[:1]], ctx.device)
-            model.train()
-            logp, entropy = completion_logprobs(model, t["prompt_ids"], t["prompt_mask"], t["completion_ids"],
-                                                t["completion_mask"], with_entropy=True)
-            mask = t["completion_mask"].to(logp.dtype)
-            if mine:
-                width = logp.shape[1]
-                loss, stats = grpo_loss(
-                    logp, _pad([old[i] for i in mine], width).to(ctx.device),
-                    _pad([ref[i] for i in mine], width).to(ctx.device) if ref else None,
-                    t["advantages"], t["completion_mask"], g.eps_low, g.eps_high, g.beta, g.loss_agg,
-                    max_completion_length=cfg.rollout.max_new_tokens,
-                    behavior_logp=t["behavior_logp"] if use_is else None, is_cap=g.importance_sampling_cap)
-                tokens = float(mask.sum())
-                share = tokens / total_tokens if g.loss_agg == "token" else len(mine) / len(idx)
-                part = [share * stats["loss"], stats["kl"] * tokens, stats["clip_fraction"] * tokens,
-                        stats["ratio_mean"] * tokens, float((entropy.detach() * mask).sum()), tokens]
-                ratio_max = stats["ratio_max"]
-            else:  # fewer outputs than ranks: join the collectives with a zero-weight pass
-                loss, share, part, ratio_max = logp.sum() * 0.0, 0.0, [0.0] * 6, 0.0
-            loss_sum, kl, clip, ratio_mean, ent, tokens_all = _all_reduce(part, ctx)
-            (ratio_max,) = _all_reduce([ratio_max], ctx, dist.ReduceOp.MAX)
-            if not math.isfinite(loss_sum):
-                raise NonFiniteError(f"grpo_update: loss is {loss_sum} at step {step}, optimizer step "
-                                     f"{opt_step}; the policy was not updated")
-            opt.zero_grad(set_to_none=True)
-            (loss * (share * ctx.world)).backward()  # FSDP averages over ranks: the sum is the full gradient
-            lr = warmup_lr(opt, g.lr, g.warmup_steps)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), g.max_grad_norm)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if not math.isfinite(grad_norm):
-                raise NonFiniteError(f"grpo_update: gradient norm is {grad_norm} at step {step}, optimizer step "
-                                     f"{opt_step}; the policy was not updated")
-            opt.step()
-            denom = max(tokens_all, 1.0)
-            stats = {"kl": kl / denom, "clip_fraction": clip / denom, "ratio_mean": ratio_mean / denom,
-                     "ratio_max": ratio_max, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
-                     "entropy": ent / denom}
-            history.append(stats)
-            n_tokens += int(tokens_all)
-            tracking.log_metrics({f"update/{k}": v for k, v in stats.items()}, step=step * 10_000 + opt_step)
-            _check_divergence(cfg, stats, step, opt_step)
-            opt_step += 1
-    metrics = summarize_round(cfg, rows, history, n_tokens, time.perf_counter() - start, step)
-    metrics["update/world_size"] = ctx.world
-    tracking.log_metrics({"update/world_size_round": ctx.world}, step=step)
-    if ctx.is_main:
-        print(f"[grpo_update] step {step}: {opt_step} optimizer steps on {ctx.world} ranks, loss "
-              f"{metrics['update/loss']:.4f}, KL {metrics['update/kl']:.4f}, clip "
-              f"{metrics['update/clip_fraction']:.3f}, {metrics['update/tokens_per_s']:.0f} tok/s", flush=True)
-    save_sharded(model, model_cls, opt, tok, out_dir, names, ctx)
-    return metrics
 
 
 def save_sharded(model, model_cls, opt, tok, out_dir: str, names: list[str], ctx: Context) -> None:

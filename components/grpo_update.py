@@ -6,7 +6,8 @@ log-probs once from the reference model; then μ epochs over shuffled minibatche
 the clipped objective in `components.grpo`. The AdamW state is saved beside the
 weights (``optimizer.pt``) so the next round continues it. A NaN/inf loss or gradient,
 or a KL / clip fraction over the configured limits, stops the stage before anything
-is saved: the previous policy stays the current one.
+is saved: the previous policy stays the current one. The same `update` runs alone or as
+each rank of a torchrun/FSDP launch (`components.distributed`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pandas as pd
 import torch
 
 from components import distributed, tracking
+from components.distributed import Context
 from components.config import Config
 from components.grpo import grpo_loss, zero_variance_fraction
 from components.io import read_parquet
@@ -43,20 +45,35 @@ def _tensors(tok, rows: pd.DataFrame, device: torch.device) -> dict[str, torch.T
 
 
 @torch.no_grad()
-def _logprobs(model, tok, rows: pd.DataFrame, batch_size: int) -> list[torch.Tensor]:
-    """Per-row log-prob vectors (unpadded) under `model`."""
-    out = []
-    for sl in batched(len(rows), batch_size):
-        t = _tensors(tok, rows.iloc[sl], model.device)
-        lp, _ = _forward(model, t, rows.prompt_text.iloc[sl].tolist())
-        out += [lp[i, : int(t["completion_mask"][i].sum())] for i in range(lp.shape[0])]
-    return out
+def _logprobs(model, tok, rows: pd.DataFrame, batch_size: int, ctx: Context) -> list[torch.Tensor]:
+    """Per-row log-prob vectors (unpadded) under `model`.
+
+    Ranks split the rows (rows[rank::world]) and all-gather them; each runs the same number
+    of forward passes (FSDP's collectives need it), a rank out of rows a throw-away one.
+    """
+    mine = list(range(ctx.rank, len(rows), ctx.world))
+    slices = list(batched(len(mine), batch_size))
+    n_passes = math.ceil(math.ceil(len(rows) / ctx.world) / batch_size)
+    local: dict[int, torch.Tensor] = {}
+    model.eval()
+    for sl in slices + [slice(0, 0)] * (n_passes - len(slices)):
+        part = mine[sl] or [0]
+        t = _tensors(tok, rows.iloc[part], ctx.device)
+        lp, _ = _forward(model, t, rows.prompt_text.iloc[part].tolist(), share_prompts=not ctx.sharded)
+        for j, i in enumerate(mine[sl]):
+            local[i] = lp[j, : int(t["completion_mask"][j].sum())]
+    return ctx.gather_rows(local, len(rows))
 
 
-def _forward(model, t: dict[str, torch.Tensor], texts: list[str], with_entropy: bool = False):
-    """`completion_logprobs` of a batch, each distinct prompt run once (the rows of a group share it)."""
+def _forward(model, t: dict[str, torch.Tensor], texts: list[str], with_entropy: bool = False,
+             share_prompts: bool = True):
+    """`completion_logprobs` of a batch, each distinct prompt run once (the rows of a group share it).
+
+    `share_prompts=False` (FSDP ranks) always takes one plain forward pass: sharing changes the
+    number of passes with the batch, and the ranks' collectives must stay in step.
+    """
     first = {p: i for i, p in reversed(list(enumerate(texts)))}  # each distinct prompt's first row
-    if len(first) == len(texts):
+    if not share_prompts or len(first) == len(texts):
         return completion_logprobs(model, t["prompt_ids"], t["prompt_mask"], t["completion_ids"],
                                    t["completion_mask"], with_entropy=with_entropy)
     keep = sorted(first.values())
@@ -66,7 +83,7 @@ def _forward(model, t: dict[str, torch.Tensor], texts: list[str], with_entropy: 
                                   t["completion_mask"], with_entropy=with_entropy)
 
 
-def _old_logprobs(cfg: Config, model, tok, rows: pd.DataFrame, batch_size: int) -> list[torch.Tensor]:
+def _old_logprobs(cfg: Config, model, tok, rows: pd.DataFrame, batch_size: int, ctx: Context) -> list[torch.Tensor]:
     """π_old per row: the sampler's own log-probs when they are this policy's, else one no-grad pass.
 
     `transformers.generate` in fp32 at τ = 1 without top-p samples from exactly these
@@ -76,11 +93,11 @@ def _old_logprobs(cfg: Config, model, tok, rows: pd.DataFrame, batch_size: int) 
     rc, temps = cfg.rollout, rows.get("temperature")
     if rc.backend == "hf" and rc.top_p == 1.0 and cfg.model.dtype == "float32" and temps is not None \
             and bool((temps == 1.0).all()):
-        probe = _logprobs(model, tok, rows.iloc[:batch_size], batch_size)
-        sampler = [torch.tensor(list(lp), dtype=torch.float32, device=model.device) for lp in rows.sampler_logprobs]
+        probe = _logprobs(model, tok, rows.iloc[:batch_size], batch_size, ctx)
+        sampler = [torch.tensor(list(lp), dtype=torch.float32, device=probe[0].device) for lp in rows.sampler_logprobs]
         if all(p.shape == s.shape and torch.allclose(p, s, rtol=0, atol=1e-3) for p, s in zip(probe, sampler)):
             return probe + sampler[len(probe):]
-    return _logprobs(model, tok, rows, batch_size)
+    return _logprobs(model, tok, rows, batch_size, ctx)
 
 
 def _pad(vectors: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -115,34 +132,54 @@ def load_rollouts(paths: list[str], columns: tuple[str, ...] = ROLLOUT_COLUMNS) 
 
 
 def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out_dir: str,
-        step: int = 0) -> dict:
-    """Update π_θ on the rollouts; write the new policy (+ optimizer state) to `out_dir`."""
+        step: int = 0) -> dict | None:
+    """Update π_θ on the rollouts; write the new policy (+ optimizer state) to `out_dir`.
+
+    One process by default; with `grpo.nproc_per_node > 1` the stage re-runs itself under
+    torchrun and each rank runs the same `update` on its share (components.distributed).
+    Returns the round's metrics (None on a torchrun rank other than 0).
+    """
+    args = (cfg, rollout_paths, policy_dir, ref_dir, out_dir, step)
+    if distributed.should_launch(cfg.grpo.nproc_per_node):  # several GPUs in this pod: re-run under torchrun
+        return distributed.launch(*args)
+    if distributed.is_rank():  # one rank of a torchrun launch: FSDP-sharded
+        return distributed.run_rank(lambda ctx: update(ctx, *args))
+    return update(Context.single(), *args)
+
+
+def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | None,
+           out_dir: str, step: int = 0) -> dict:
+    """The update in this process: alone (``ctx.world == 1``) or as one FSDP rank of ``ctx.world``."""
     g = cfg.grpo
-    if distributed.should_launch(g.nproc_per_node):  # several GPUs in this pod: re-run under torchrun
-        return distributed.launch(cfg, rollout_paths, policy_dir, ref_dir, out_dir, step)
-    if distributed.is_rank():  # a rank of a torchrun launch: FSDP, same loss (components.grpo)
-        return distributed.run(cfg, rollout_paths, policy_dir, ref_dir, out_dir, step)
     rows = load_rollouts(rollout_paths)
-    model, tok = load_policy(policy_dir, cfg.model)
+    model, tok = load_policy(policy_dir, cfg.model)  # whole on this process's device, then sharded
+    model_cls, names = type(model), distributed.param_names(model)
     if g.gradient_checkpointing:
         distributed.enable_gradient_checkpointing(model)
+    if ctx.sharded:
+        distributed.shard_model(model, ctx, g.bf16)
     opt = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
     opt_file = Path(policy_dir) / OPTIMIZER_FILE
     if opt_file.exists():
-        opt.load_state_dict(torch.load(opt_file, weights_only=True))
+        distributed.load_optimizer_state(model, opt, torch.load(opt_file, weights_only=True), names, ctx)
         for group in opt.param_groups:  # the config, not the checkpoint, owns the hyper-parameters
             group.update(lr=g.lr, weight_decay=g.weight_decay)
-    model.eval()
     mb = g.minibatch_size
-    old = _old_logprobs(cfg, model, tok, rows, mb)
+    old = _old_logprobs(cfg, model, tok, rows, mb, ctx)
     ref = None
     if g.beta > 0:
-        ref_model = model if not ref_dir or ref_dir == policy_dir else load_policy(ref_dir, cfg.model)[0]
-        ref = old if ref_model is model else _logprobs(ref_model, tok, rows, mb)
-        del ref_model
+        if not ref_dir or ref_dir == policy_dir:
+            ref = old
+        else:
+            ref_model = load_policy(ref_dir, cfg.model)[0]
+            if ctx.sharded:
+                distributed.shard_model(ref_model, ctx, g.bf16)
+            ref = _logprobs(ref_model, tok, rows, mb, ctx)
+            del ref_model
     use_is = g.importance_sampling_cap is not None
+    lengths = [len(x) for x in rows.completion_ids]
 
-    rng = random.Random(cfg.seed * 7919 + step)
+    rng = random.Random(cfg.seed * 7919 + step)  # the same shuffle on every rank
     history: list[dict[str, float]] = []
     n_tokens, start = 0, time.perf_counter()
     opt_step = 0
@@ -151,44 +188,62 @@ def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | N
         rng.shuffle(order)
         for sl in batched(len(order), mb):
             idx = order[sl]
-            t = _tensors(tok, rows.iloc[idx], model.device)
+            mine = idx[ctx.rank::ctx.world]  # this process's share (all of it when alone)
+            take = mine or idx[:1]  # a rank with no share joins the collectives with a zero-weight pass
+            t = _tensors(tok, rows.iloc[take], ctx.device)
             model.train()
-            logp, entropy = _forward(model, t, rows.prompt_text.iloc[idx].tolist(), with_entropy=True)
+            logp, entropy = _forward(model, t, rows.prompt_text.iloc[take].tolist(), with_entropy=True,
+                                     share_prompts=not ctx.sharded)
             width = logp.shape[1]
             loss, stats = grpo_loss(
-                logp, _pad([old[i] for i in idx], width), _pad([ref[i] for i in idx], width) if ref else None,
+                logp, _pad([old[i] for i in take], width).to(ctx.device),
+                _pad([ref[i] for i in take], width).to(ctx.device) if ref else None,
                 t["advantages"], t["completion_mask"], g.eps_low, g.eps_high, g.beta, g.loss_agg,
                 max_completion_length=cfg.rollout.max_new_tokens,
                 behavior_logp=t["behavior_logp"] if use_is else None, is_cap=g.importance_sampling_cap)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"grpo_update: loss is {loss.item()} at step {step}, optimizer step "
+            mask = t["completion_mask"].to(logp.dtype)
+            tokens = float(mask.sum()) if mine else 0.0
+            # the share's weight in the minibatch's loss: what `grpo_loss` on the whole minibatch would give
+            share = tokens / sum(lengths[i] for i in idx) if g.loss_agg == "token" else len(mine) / len(idx)
+            loss_sum, kl, clip, ratio_mean, ent, tokens_all = ctx.all_reduce([
+                share * stats["loss"], stats["kl"] * tokens, stats["clip_fraction"] * tokens,
+                stats["ratio_mean"] * tokens, float((entropy.detach() * mask).sum()) if mine else 0.0, tokens])
+            (ratio_max,) = ctx.all_reduce([stats["ratio_max"] if mine else 0.0], op="max")
+            if not math.isfinite(loss_sum):
+                raise NonFiniteError(f"grpo_update: loss is {loss_sum} at step {step}, optimizer step "
                                      f"{opt_step}; the policy was not updated")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * (share * ctx.world)).backward()  # FSDP averages over ranks: the sum is the minibatch's gradient
             lr = warmup_lr(opt, g.lr, g.warmup_steps)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), g.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), g.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if not math.isfinite(grad_norm):
                 raise NonFiniteError(f"grpo_update: gradient norm is {grad_norm} at step {step}, optimizer step "
                                      f"{opt_step}; the policy was not updated")
             opt.step()
-            mask = t["completion_mask"]
-            stats.update(grad_norm=grad_norm, lr=lr, entropy=float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)))
+            n = max(tokens_all, 1.0)
+            stats = {"loss": loss_sum, "kl": kl / n, "clip_fraction": clip / n, "ratio_mean": ratio_mean / n,
+                     "ratio_max": ratio_max, "grad_norm": grad_norm, "lr": lr, "entropy": ent / n}
             history.append(stats)
-            n_tokens += int(mask.sum())
-            tracking.log_metrics({f"update/{k}": v for k, v in stats.items()},
-                                 step=step * 10_000 + opt_step)
+            n_tokens += int(tokens_all)
+            tracking.log_metrics({f"update/{k}": v for k, v in stats.items()}, step=step * 10_000 + opt_step)
             _check_divergence(cfg, stats, step, opt_step)
             opt_step += 1
-    metrics = summarize_round(cfg, rows, history, n_tokens, time.perf_counter() - start, step)
-    print(f"[grpo_update] step {step}: {opt_step} optimizer steps, loss {metrics['update/loss']:.4f}, "
-          f"KL {metrics['update/kl']:.4f}, clip {metrics['update/clip_fraction']:.3f}, "
-          f"{metrics['update/tokens_per_s']:.0f} tok/s", flush=True)
-    save_model(model, tok, out_dir, extra={OPTIMIZER_FILE: opt.state_dict()})
+    metrics = summarize_round(cfg, rows, history, n_tokens, time.perf_counter() - start, step, ctx.world)
+    if ctx.is_main:
+        ranks = f" on {ctx.world} ranks" if ctx.sharded else ""
+        print(f"[grpo_update] step {step}: {opt_step} optimizer steps{ranks}, loss "
+              f"{metrics['update/loss']:.4f}, KL {metrics['update/kl']:.4f}, clip "
+              f"{metrics['update/clip_fraction']:.3f}, {metrics['update/tokens_per_s']:.0f} tok/s", flush=True)
+    if ctx.sharded:
+        distributed.save_sharded(model, model_cls, opt, tok, out_dir, names, ctx)
+    else:
+        save_model(model, tok, out_dir, extra={OPTIMIZER_FILE: opt.state_dict()})
     return metrics
 
 
 def summarize_round(cfg: Config, rows: pd.DataFrame, history: list[dict[str, float]], n_tokens: int,
-                    seconds: float, step: int) -> dict[str, float]:
+                    seconds: float, step: int, world_size: int = 1) -> dict[str, float]:
     """The round's metrics from its per-optimizer-step stats (logged with a `_round` suffix)."""
     rewards = torch.tensor(rows.reward.to_numpy(), dtype=torch.float64)
 
@@ -201,7 +256,7 @@ def summarize_round(cfg: Config, rows: pd.DataFrame, history: list[dict[str, flo
         "update/ratio_max": max(h["ratio_max"] for h in history), "update/optimizer_steps": len(history),
         "update/reward_mean": float(rewards.mean()), "update/reward_std": float(rewards.std(correction=0)),
         "update/zero_variance_groups": zero_variance_fraction(rewards, cfg.rollout.group_size),
-        "update/tokens_per_s": n_tokens / max(seconds, 1e-9),
+        "update/tokens_per_s": n_tokens / max(seconds, 1e-9), "update/world_size": world_size,
     }
     tracking.log_metrics({k + "_round": v for k, v in metrics.items()}, step=step)
     return metrics

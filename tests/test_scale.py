@@ -171,18 +171,11 @@ def test_distributed_optimizer_state_keys_roundtrip(untrained_policy):
     model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
     opt.step()
     sd = opt.state_dict()
-    names = distributed._param_names(model)
+    names = distributed.param_names(model)
     by_name = distributed.ids_to_names(sd, names)
     assert set(by_name["state"]) == set(names) and by_name["param_groups"][0]["params"] == names
     back = distributed.names_to_ids(by_name, names)
     assert back["param_groups"] == sd["param_groups"] and back["state"].keys() == sd["state"].keys()
-
-
-def test_even_slices_cover_everything():
-    for n in range(0, 9):
-        for parts in range(1, 5):
-            sl = distributed._even_slices(n, parts)
-            assert len(sl) == parts and [i for s in sl for i in range(n)[s]] == list(range(n))
 
 
 def test_torchrun_command_single_and_multi_node(cfg):
