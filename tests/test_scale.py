@@ -734,3 +734,26 @@ def test_grpo_update_task_single_node_runs_the_stage_in_process(work, rollouts, 
     trainer_job.grpo_update_task(fast_config().to_json(), "", "", None, [str(rollouts[1.0])], str(untrained_policy),
                                  None, str(work / "unused"), 0)
     assert calls and calls[0][0][0] == "grpo_update" and calls[0][1]["rollout_paths"] == [str(rollouts[1.0])]
+
+
+# =========================================================================== the GPU throughput benchmark
+def test_gpu_throughput_benchmark_measures_what_runs_here_and_names_what_does_not(tmp_path):
+    """`python -m benchmarks.gpu_throughput` (smoke size, tiny shape): the HF rollout and the update are
+    measured by the stages themselves (> 0 tokens/s, completions as asked); vLLM, which cannot run without
+    CUDA, is listed as skipped with the reason instead of a number."""
+    from benchmarks import gpu_throughput
+
+    out = tmp_path / "out"
+    assert gpu_throughput.main(["--shape", "tiny", "--prompts", "4", "--group", "4", "--max-new-tokens", "8",
+                                "--repeats", "1", "--minibatch", "16", "--work", str(tmp_path / "work"),
+                                "--out", str(out)]) == 0
+    res = json.loads((out / "gpu_throughput.json").read_text())
+    (hf_run,) = res["rollout"]["hf"]["runs"]
+    assert hf_run["completions"] == 16 and 0 < hf_run["completion_tokens_mean"] <= 8
+    assert res["rollout"]["hf"]["tokens_per_s"] == hf_run["tokens_per_s"] > 0
+    assert res["update"]["tokens_per_s"] > 0 and res["update"]["optimizer_steps"] == 1
+    table = (out / "gpu_throughput.md").read_text()
+    if not torch.cuda.is_available():
+        assert res["rollout"]["vllm"] == {"skipped": "vLLM needs a CUDA GPU (none here)"}
+        assert "| rollout | vllm | skipped: vLLM needs a CUDA GPU" in table
+    assert f"| rollout | hf | {hf_run['tokens_per_s']:.0f} |" in table
