@@ -80,6 +80,9 @@ def test_embedded_default_is_tiny_yaml():
     ({"name": "Has Spaces"}, "name"),
     ({"loop": {"iterations": 0}}, "loop.iterations"),
     ({"cluster": {"stages": {"bogus": {}}}}, "cluster.stages"),
+    ({"reward": {"rm_weight": float("inf")}}, "reward.rm_weight"),
+    ({"grpo": {"lr": float("nan")}}, "grpo.lr"),
+    ({"grpo": {"max_kl": float("inf")}}, "grpo.max_kl"),
 ])
 def test_bad_value_names_its_dotted_key_path(data, path):
     msg = errors_of(data)

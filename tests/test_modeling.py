@@ -141,6 +141,18 @@ def test_load_policy_dir_without_config(tmp_path, saved):
         load_policy(str(empty))
 
 
+def test_a_reward_model_directory_is_refused_as_policy(tmp_path, saved, tok):
+    """An RM (sequence classifier) passed where a policy goes would load as a causal LM with a random
+    LM head; it is refused naming what it holds."""
+    from transformers import AutoModelForSequenceClassification
+
+    rm_dir = tmp_path / "rm"
+    save_model(AutoModelForSequenceClassification.from_pretrained(str(saved), num_labels=1), tok, rm_dir)
+    with pytest.raises(ModelLoadError, match=f"{rm_dir}: it holds a LlamaForSequenceClassification"):
+        load_policy(str(rm_dir))
+    assert load_reward_model(str(rm_dir))[0].config.num_labels == 1  # still a good reward model
+
+
 def test_tokenizer_without_chat_template_is_refused(tmp_path, model):
     d = tmp_path / "no-template"
     tok = build_tiny_tokenizer()
