@@ -380,6 +380,42 @@ def test_installed_vllm_accepts_our_engine_and_sampling_arguments(untrained_poli
 
 @pytest.mark.vllm_api
 @pytest.mark.skipif(not has_vllm(), reason=NO_VLLM)
+def test_vllm_processed_logprobs_are_what_the_hf_backend_records(untrained_policy):
+    """vLLM's own sampler (`vllm.v1.sample.sampler.Sampler`, which runs on CPU), in the
+    `logprobs_mode="processed_logprobs"` VLLMBackend sets, scores the HF backend's samples exactly as the HF
+    backend recorded them: the same distribution after a per-sample temperature and top-p. So
+    `sampler_logprobs` mean one thing whichever backend sampled (π_behavior of the IS correction)."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.sample.sampler import Sampler
+
+    model, tok = load_policy(str(untrained_policy))
+    top_p = 0.8
+    sampling = Sampling(n=4, temperatures=[0.6, 0.9, 1.2, 1.5], max_new_tokens=10, top_p=top_p, seed=11)
+    prompts = ["<|user|>12+7<|assistant|>", "<|user|>3*4<|assistant|>"]
+    gens = HFBackend(model, tok).generate(prompts, sampling)
+    sampler = Sampler(logprobs_mode="processed_logprobs")
+    checked = 0
+    for g in gens:
+        prompt_ids = tok(prompts[g.prompt_index], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():  # the logits each sampled token was drawn from (teacher-forced)
+            logits = model(input_ids=torch.tensor([prompt_ids + g.token_ids])).logits[0, len(prompt_ids) - 1:-1]
+        n = logits.shape[0]
+        meta = SamplingMetadata(
+            temperature=torch.full((n,), g.temperature), all_greedy=False, all_random=True,
+            top_p=torch.full((n,), top_p), top_k=None, generators={}, max_num_logprobs=-1, no_penalties=True,
+            prompt_token_ids=None, frequency_penalties=torch.zeros(n), presence_penalties=torch.zeros(n),
+            repetition_penalties=torch.ones(n), output_token_ids=[[] for _ in range(n)],
+            allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+        processed = sampler(logits.float().clone(), meta).logprobs_tensors.logprobs  # [n, vocab]
+        vllm_lp = processed.gather(-1, torch.tensor(g.token_ids).unsqueeze(-1)).squeeze(-1)
+        assert vllm_lp.tolist() == pytest.approx(g.logprobs, abs=1e-4), (g.prompt_index, g.sample_index)
+        checked += n
+    assert checked >= 40 and len({g.temperature for g in gens}) == 4
+
+
+@pytest.mark.vllm_api
+@pytest.mark.skipif(not has_vllm(), reason=NO_VLLM)
 def test_rollout_image_pins_the_vllm_that_pins_the_trainers_torch():
     """The installed vLLM (the Dockerfile's VLLM_VERSION, by tests/install_vllm_api.sh) requires exactly the
     torch the image installs, and a transformers range that meets the project's: the image's pip install resolves."""
