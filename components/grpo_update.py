@@ -193,7 +193,7 @@ def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str,
             t = _tensors(tok, rows.iloc[take], ctx.device)
             model.train()
             logp, entropy = _forward(model, t, rows.prompt_text.iloc[take].tolist(), with_entropy=True,
-                                     share_prompts=not ctx.sharded)
+                                     share_prompts=not (ctx.sharded or g.gradient_checkpointing))  # no KV cache
             width = logp.shape[1]
             loss, stats = grpo_loss(
                 logp, _pad([old[i] for i in take], width).to(ctx.device),

@@ -165,6 +165,22 @@ def test_torchrun_two_processes_match_the_single_process_update(work, rollouts, 
         assert (work / "torchrun" / f).read_text() == (work / "single" / f).read_text(), f
 
 
+def test_gradient_checkpointing_leaves_the_update_unchanged_alone_and_under_torchrun(work, rollouts, round1,
+                                                                                   untrained_policy):
+    """grpo.gradient_checkpointing recomputes activations in the backward pass: the same update, in one
+    process and on two FSDP ranks (gloo), as one process without it."""
+    args = ([str(rollouts[1.0])], str(round1), str(untrained_policy))
+    plain = grpo_update.run(update_cfg(), *args, str(work / "gc-off"))
+    alone = grpo_update.run(update_cfg(gradient_checkpointing=True), *args, str(work / "gc-on"))
+    ranks = grpo_update.run(update_cfg(gradient_checkpointing=True, nproc_per_node=2), *args, str(work / "gc-fsdp"))
+    for m in (alone, ranks):
+        assert m["update/loss"] == pytest.approx(plain["update/loss"], rel=1e-4, abs=1e-6)
+        assert m["update/grad_norm"] == pytest.approx(plain["update/grad_norm"], rel=1e-4)
+    off = state(work / "gc-off")
+    assert max_diff(off, state(work / "gc-on")) < 1e-5 and max_diff(off, state(work / "gc-fsdp")) < 1e-5
+    assert max_diff(off, state(round1)) > 5e-4  # it learned
+
+
 def test_distributed_optimizer_state_keys_roundtrip(untrained_policy):
     model, _ = load_policy(str(untrained_policy))
     opt = torch.optim.AdamW(model.parameters())
