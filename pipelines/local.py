@@ -60,6 +60,39 @@ def mark_failed_runs(uri: str, experiment: str, since_ms: int, parent_run_id: st
         return [], parent_run_id or None
 
 
+def keep_upstream_parameters_in_loops() -> bool:
+    """Work around a kfp.local bug (kfp 2.17.0–2.17.3) that breaks sharded rollouts locally.
+
+    kfp.local builds each `dsl.ParallelFor` iteration from the loop task's spec and replaces
+    EVERY input that is another task's output parameter with the loop item, so the shards
+    received the loop index (0, 1, …) instead of `start-tracking`'s MLflow run id. Cluster
+    backends resolve these inputs correctly; the compiled pipeline is not changed. Here the
+    iteration spec keeps the loop task's task-output parameters as they were. Applied only
+    where the bug shows (checked on a one-input spec); returns whether it was applied.
+    """
+    from kfp.local.orchestrator import task_spec_utils
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    make = task_spec_utils.create_parameter_loop_iteration_task_spec
+    if getattr(make, "keeps_upstream_parameters", False):
+        return True
+    probe = pipeline_spec_pb2.PipelineTaskSpec()
+    probe.inputs.parameters["upstream"].task_output_parameter.producer_task = "producer"
+    if make(probe, 7, "loop").inputs.parameters["upstream"].HasField("task_output_parameter"):
+        return False  # fixed upstream
+
+    def iteration_spec(original_task_spec, loop_item, loop_task_name):
+        spec = make(original_task_spec, loop_item, loop_task_name)
+        for name, value in original_task_spec.inputs.parameters.items():
+            if value.HasField("task_output_parameter"):
+                spec.inputs.parameters[name].CopyFrom(value)
+        return spec
+
+    iteration_spec.keeps_upstream_parameters = True
+    task_spec_utils.create_parameter_loop_iteration_task_spec = iteration_spec
+    return True
+
+
 def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: str = "") -> dict:
     """Compile-and-run the pipeline with kfp.local's SubprocessRunner; return a summary.
 
@@ -78,6 +111,7 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
     # Expected locally: cluster placement is ignored and the project image is this environment.
     warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner.*")
     warnings.filterwarnings("ignore", message=r".*custom or non-Python base image.*")
+    keep_upstream_parameters_in_loops()  # rollout.shards > 1: the shards need the parent run id
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str((workdir / "kfp").resolve()),
                raise_on_error=True, enable_caching=True, cache_root=str((workdir / "cache").resolve()))
     print(f"kfp-grpo: running pipeline '{cfg.name}' locally ({cfg.loop.iterations} iterations × "

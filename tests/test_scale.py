@@ -809,3 +809,54 @@ def test_gpu_throughput_benchmark_measures_what_runs_here_and_names_what_does_no
         assert res["rollout"]["vllm"] == {"skipped": "vLLM needs a CUDA GPU (none here)"}
         assert "| rollout | vllm | skipped: vLLM needs a CUDA GPU" in table
     assert f"| rollout | hf | {hf_run['tokens_per_s']:.0f} |" in table
+
+
+# =========================================================================== sharded rollouts, run for real
+def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys):
+    """`kfp-grpo run` with rollout.shards=2 (a reduced pipeline through kfp.local): the round's prompts are
+    split across two ParallelFor iterations, each a rollout task nested under the pipeline's MLflow run
+    (kfp.local 2.17 handed the shards the loop index instead of that run's id until
+    pipelines.local.keep_upstream_parameters_in_loops), and gather-rollouts (dsl.Collected) joins them
+    into the round the update learns from."""
+    from pipelines import cli
+
+    work = tmp_path / "run"
+    sets = ["sft.steps=20", "reward_model.steps=5", "replay.steps=5", "loop.iterations=1",
+            "loop.steps_per_iteration=1", "data.num_train=200", "data.num_test=40", "rollout.prompts_per_step=8",
+            "rollout.shards=2"]
+    code = cli.main(["run", "--workdir", str(work), "--json", *sum([["--set", s] for s in sets], [])])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    (run_dir,) = (work / "kfp").iterdir()
+    shards = [pd.read_parquet(p) for p in sorted(run_dir.glob("for-loop-*-iteration-*/rollout/rollouts"))]
+    gathered = pd.read_parquet(run_dir / "gather-rollouts" / "rollouts")
+    assert len(shards) == 2 and all(len(s) == 4 * 8 for s in shards)  # 8 prompts × G=8, half each
+    ids = [set(s.id) for s in shards]
+    assert len(ids[0]) == len(ids[1]) == 4 and not ids[0] & ids[1]
+    assert len(gathered) == 64 and set(gathered.id) == ids[0] | ids[1]
+
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("kfp-grpo").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    rollouts = [r for r in runs if r.data.tags.get("kfp_grpo.stage") == "rollout"]
+    assert sorted(r.data.params["shard"] for r in rollouts) == ["0", "1"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in rollouts)
+    assert parent.data.params["rollout.shards"] == "2" and parent.info.status == "FINISHED"
+
+
+def test_the_kfp_local_loop_workaround_keeps_upstream_parameters():
+    from kfp.local.orchestrator import task_spec_utils
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from pipelines.local import keep_upstream_parameters_in_loops
+
+    assert keep_upstream_parameters_in_loops() is True  # kfp 2.17: the bug is there, the fix is in
+    spec = pipeline_spec_pb2.PipelineTaskSpec()
+    spec.inputs.parameters["run_id"].task_output_parameter.producer_task = "start-tracking"
+    spec.inputs.parameters["uri"].component_input_parameter = "tracking_uri"
+    spec.parameter_iterator.item_input = "pipelinechannel--loop-item-param-1"
+    it = task_spec_utils.create_parameter_loop_iteration_task_spec(spec, 1, "for-loop-2")
+    assert it.inputs.parameters["run_id"].task_output_parameter.producer_task == "start-tracking"
+    assert it.inputs.parameters["uri"].component_input_parameter == "tracking_uri"
+    assert it.inputs.parameters["pipelinechannel--loop-item-param-1"].runtime_value.constant.number_value == 1
+    assert keep_upstream_parameters_in_loops() is True  # idempotent
