@@ -15,8 +15,8 @@ Cluster prerequisites (none of them is created by this project):
   ``PET_NNODES``/``PET_NODE_RANK``/``PET_MASTER_ADDR``/``PET_MASTER_PORT`` environment that
   torchrun reads for the rendezvous.
 - RBAC: the pipeline's ServiceAccount (`cluster.service_account`) may `create`, `get` and
-  `delete` `trainjobs.trainer.kubeflow.org` in the namespace (the Helm chart's
-  `pipeline.rbac.extraRules` can add that rule).
+  `delete` `trainjobs.trainer.kubeflow.org` in the namespace (the Helm chart grants it with
+  `pipeline.rbac.trainJobs: true`).
 - A ReadWriteMany PVC (`grpo.trainer_job.shared_pvc`, e.g. NFS/CephFS/EFS/Filestore) in that
   namespace, mounted at `grpo.trainer_job.shared_mount_path` in the pipeline task and in every
   trainer node: KFP artifacts are local paths of the task pod, the trainer pods cannot see them.

@@ -413,6 +413,22 @@ def test_pipeline_role_is_least_privilege(chart: helm.Chart, values_name: str) -
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kfp-grpo-pipeline", "namespace": NAMESPACE}]
 
 
+def test_trainjob_rights_only_when_asked(chart: helm.Chart) -> None:
+    """pipeline.rbac.trainJobs (for grpo.nodes > 1) adds exactly the verbs pipelines.trainer_job uses."""
+    rule = {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get", "delete"]}
+    assert rule not in one(manifests(chart, "default"), "Role", "kfp-grpo-pipeline")["rules"]
+    values = {**VALUE_SETS["default"], "pipeline": {**VALUE_SETS["default"].get("pipeline", {}),
+                                                     "rbac": {"trainJobs": True}}}
+    objs = [d for path, text in chart.render(values, name=RELEASE, namespace=NAMESPACE).items()
+            if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    assert rule in one(objs, "Role", "kfp-grpo-pipeline")["rules"]
+    from pipelines import trainer_job
+
+    used = set(re.findall(r"\b(create|get|delete|list|watch|patch)_namespaced_custom_object",
+                          Path(trainer_job.__file__).read_text()))
+    assert used <= set(rule["verbs"]), used
+
+
 def test_network_policies_restrict_who_reaches_mlflow_and_the_stores(chart: helm.Chart) -> None:
     objs = manifests(chart, "default")
     policy = one(objs, "NetworkPolicy", "kfp-grpo-mlflow")["spec"]
