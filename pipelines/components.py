@@ -65,11 +65,12 @@ def rollout(config: str, parent_run_id: str, tracking_uri: str, step: int, polic
              policy_version=policy_version, shard=shard)
 
 
-def gather_rollouts(shards: Input[List[Dataset]], rollouts: Output[Dataset]):
-    """Concatenate rollout shards produced in parallel into one round."""
+def gather_rollouts(config: str, parent_run_id: str, tracking_uri: str, step: int, shards: Input[List[Dataset]],
+                    rollouts: Output[Dataset]):
+    """Concatenate rollout shards produced in parallel into one round; log the round's rollout metrics."""
     from pipelines.runtime import gather
 
-    gather([s.path for s in shards], rollouts.path)
+    gather(config, parent_run_id, tracking_uri, step, [s.path for s in shards], rollouts.path)
 
 
 def grpo_update(config: str, parent_run_id: str, tracking_uri: str, step: int, rollouts: Input[Dataset],

@@ -136,7 +136,7 @@ def rollout_round(ops, cfg: Config, common: dict, step: int, version: str, promp
         task = ops.rollout(**common, step=step, policy_version=version, shard=shard, prompts=prompts, policy=policy,
                            reward_model=rm)
         place(task, cfg, "rollout", f"rollout-i{it_m}-shard")
-    gathered = ops.gather_rollouts(shards=dsl.Collected(task.outputs["rollouts"]))
+    gathered = ops.gather_rollouts(**common, step=step, shards=dsl.Collected(task.outputs["rollouts"]))
     # a Parquet concat: placed like the other light CPU tasks, not on a GPU node like the shards
     return place(gathered, cfg, "prepare_data", f"gather-rollouts-i{it_m}").outputs["rollouts"]
 

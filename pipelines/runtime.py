@@ -69,7 +69,7 @@ def run_task(stage: str, config_json: str, parent_run_id: str = "", tracking_uri
         for k, v in numeric.items():
             metrics_artifact.log_metric(k.replace("/", "."), v)
         write_metrics_file(metrics_artifact)
-    if parent_run_id:
+    if parent_run_id and not (stage == "rollout" and cfg.rollout.shards > 1):  # shards: `gather` logs the round
         step = int(kwargs.get("step", kwargs.get("iteration", 0)))
         c = mlflow.MlflowClient()
         for k in PARENT_METRICS:
@@ -243,12 +243,27 @@ def carry_buffer(cfg: Config, uri: str, train_path: str, rm_dir: str, data_out: 
         write_parquet(synthetic_rm_data(prompts, cfg.reward_model.negatives_per_prompt, cfg.seed), data_out)
 
 
-def gather(paths: list[str], out_path: str) -> None:
-    """Concatenate rollout shards into one Parquet file."""
+def gather(config_json: str, parent_run_id: str, tracking_uri: str, step: int, paths: list[str],
+           out_path: str) -> None:
+    """Concatenate rollout shards into one Parquet file.
+
+    The shards log their own metrics in their nested runs; the parent run's per-round
+    rollout curves (`rollout/reward_mean`, `rollout/accuracy`) come from here, over the
+    whole round, one point per step.
+    """
     from components.grpo_update import load_rollouts
     from components.io import write_parquet
 
-    write_parquet(load_rollouts(paths), out_path)
+    rows = load_rollouts(paths)
+    write_parquet(rows, out_path)
+    print(f"[gather] {len(paths)} shards → {len(rows)} rollouts", flush=True)
+    if parent_run_id:
+        cfg = setup(config_json)
+        round_metrics = {"rollout/reward_mean": float(rows.reward.mean()),
+                         "rollout/accuracy": float(rows.correct.mean())}
+        c = tracking.client(tracking_uri or cfg.tracking.tracking_uri)
+        for k, v in round_metrics.items():
+            c.log_metric(parent_run_id, k, v, step=step)
 
 
 def promote_task(config_json: str, parent_run_id: str, tracking_uri: str, accuracy: float, sft_accuracy: float,

@@ -817,7 +817,8 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys):
     split across two ParallelFor iterations, each a rollout task nested under the pipeline's MLflow run
     (kfp.local 2.17 handed the shards the loop index instead of that run's id until
     pipelines.local.keep_upstream_parameters_in_loops), and gather-rollouts (dsl.Collected) joins them
-    into the round the update learns from."""
+    into the round the update learns from; the parent run's rollout curves get one point per round, over
+    the whole round."""
     from pipelines import cli
 
     work = tmp_path / "run"
@@ -842,6 +843,9 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys):
     assert sorted(r.data.params["shard"] for r in rollouts) == ["0", "1"]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in rollouts)
     assert parent.data.params["rollout.shards"] == "2" and parent.info.status == "FINISHED"
+    for key, column in (("rollout/accuracy", "correct"), ("rollout/reward_mean", "reward")):  # the round, once
+        (point,) = client.get_metric_history(parent.info.run_id, key)
+        assert point.step == 0 and point.value == pytest.approx(float(gathered[column].mean())), key
 
 
 def test_the_kfp_local_loop_workaround_keeps_upstream_parameters():
