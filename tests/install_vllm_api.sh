@@ -16,5 +16,9 @@ version=$(sed -n 's/^ARG VLLM_VERSION=//p' docker/rollout-vllm.Dockerfile)
 target=.vllm-api
 python -m pip install -q --no-deps --target "$target" "vllm==${version}" \
   msgspec cbor2 pyzmq oss-harmony openai pybase64 uvloop prometheus_client xgrammar apache-tvm-ffi \
-  partial_json_parser llguidance einops
-PYTHONPATH="$target" python -c "import vllm, vllm.engine.arg_utils, vllm.outputs; print('vllm', vllm.__version__, 'importable from', '$target')"
+  partial_json_parser llguidance einops sniffio py-cpuinfo
+# what the vllm_api tests import; a module missing here is named in the error
+PYTHONPATH="$target" python -c "
+import vllm, vllm.engine.arg_utils, vllm.outputs, vllm.logprobs, vllm.tokenizers
+import vllm.v1.engine.parallel_sampling, vllm.v1.sample.sampler, vllm.v1.sample.metadata
+print('vllm', vllm.__version__, 'importable from', '$target')"
