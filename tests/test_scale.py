@@ -812,7 +812,7 @@ def test_gpu_throughput_benchmark_measures_what_runs_here_and_names_what_does_no
 
 
 # =========================================================================== sharded rollouts, run for real
-def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys):
+def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys, monkeypatch):
     """`kfp-grpo run` with rollout.shards=2 (a reduced pipeline through kfp.local): the round's prompts are
     split across two ParallelFor iterations, each a rollout task nested under the pipeline's MLflow run
     (kfp.local 2.17 handed the shards the loop index instead of that run's id until
@@ -821,6 +821,7 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys):
     the whole round."""
     from pipelines import cli
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run's embedded store, whatever ran before
     work = tmp_path / "run"
     sets = ["sft.steps=20", "reward_model.steps=5", "replay.steps=5", "loop.iterations=1",
             "loop.steps_per_iteration=1", "data.num_train=200", "data.num_test=40", "rollout.prompts_per_step=8",
@@ -836,7 +837,9 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys):
     assert len(ids[0]) == len(ids[1]) == 4 and not ids[0] & ids[1]
     assert len(gathered) == 64 and set(gathered.id) == ids[0] | ids[1]
 
-    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    summary = json.loads(out[out.rindex("\n{") + 1:])
+    assert summary["tracking_uri"] == f"sqlite:///{work / 'mlflow.db'}"
+    client = mlflow.MlflowClient(summary["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name("kfp-grpo").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     rollouts = [r for r in runs if r.data.tags.get("kfp_grpo.stage") == "rollout"]
