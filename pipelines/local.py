@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import json
 import os
 import re
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from components import tracking
 from components.config import Config
@@ -93,6 +96,21 @@ def keep_upstream_parameters_in_loops() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def print_restored() -> Iterator[None]:
+    """Put `builtins.print` back afterwards.
+
+    kfp.local (2.17) indents each task's output by swapping `builtins.print` in and out;
+    two tasks running at once (rollout shards) can swap it back in the wrong order and
+    leave it indenting every later print of this process (the `--json` summary included).
+    """
+    original = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = original
+
+
 def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: str = "") -> dict:
     """Compile-and-run the pipeline with kfp.local's SubprocessRunner; return a summary.
 
@@ -118,7 +136,8 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
           f"{cfg.loop.steps_per_iteration} rounds); MLflow at {uri}", flush=True)
     start, started_ms = time.perf_counter(), int(time.time() * 1000)
     try:
-        task = build_pipeline(cfg, resume_run_id=resume_run_id, caching=True)(tracking_uri=uri, **init)
+        with print_restored():
+            task = build_pipeline(cfg, resume_run_id=resume_run_id, caching=True)(tracking_uri=uri, **init)
     except RuntimeError as err:  # kfp.local: a task failed (its log is above)
         failed, parent = mark_failed_runs(uri, cfg.tracking.experiment, started_ms, resume_run_id)
         reason = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(err).split()))  # drop kfp's colour codes

@@ -20,6 +20,7 @@ this task, so those paths have not been run.
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import os
@@ -826,9 +827,11 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys, mo
     sets = ["sft.steps=20", "reward_model.steps=5", "replay.steps=5", "loop.iterations=1",
             "loop.steps_per_iteration=1", "data.num_train=200", "data.num_test=40", "rollout.prompts_per_step=8",
             "rollout.shards=2"]
+    print_ = builtins.print
     code = cli.main(["run", "--workdir", str(work), "--json", *sum([["--set", s] for s in sets], [])])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
+    assert builtins.print is print_  # kfp.local's per-task print indentation does not outlive the run
     (run_dir,) = (work / "kfp").iterdir()
     shards = [pd.read_parquet(p) for p in sorted(run_dir.glob("for-loop-*-iteration-*/rollout/rollouts"))]
     gathered = pd.read_parquet(run_dir / "gather-rollouts" / "rollouts")
@@ -837,7 +840,7 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys, mo
     assert len(ids[0]) == len(ids[1]) == 4 and not ids[0] & ids[1]
     assert len(gathered) == 64 and set(gathered.id) == ids[0] | ids[1]
 
-    summary = json.loads(out[out.rindex("\n{") + 1:])
+    summary = json.loads(out[out.rindex("\n{") + 1:])  # the --json summary, printed last
     assert summary["tracking_uri"] == f"sqlite:///{work / 'mlflow.db'}"
     client = mlflow.MlflowClient(summary["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name("kfp-grpo").experiment_id])
@@ -849,6 +852,15 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys, mo
     for key, column in (("rollout/accuracy", "correct"), ("rollout/reward_mean", "reward")):  # the round, once
         (point,) = client.get_metric_history(parent.info.run_id, key)
         assert point.step == 0 and point.value == pytest.approx(float(gathered[column].mean())), key
+
+
+def test_print_is_put_back_when_kfp_local_leaves_it_swapped():
+    from pipelines.local import print_restored
+
+    original = builtins.print
+    with print_restored():
+        builtins.print = lambda *a, **kw: original("    ", *a, **kw)  # what kfp.local's racing tasks leave
+    assert builtins.print is original
 
 
 def test_the_kfp_local_loop_workaround_keeps_upstream_parameters():
