@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,6 +25,16 @@ FAST = {
     "replay": {"steps": 5, "batch_size": 16},
     "loop": {"iterations": 1, "steps_per_iteration": 1},
 }
+
+
+def send_json(handler, status: int, payload) -> None:
+    """Answer an `http.server` request with `payload` as JSON (the fake KFP and Kubernetes APIs)."""
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 def fast_config(**overrides) -> Config:

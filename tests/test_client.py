@@ -38,6 +38,7 @@ from components.config import load_config
 from pipelines import cli
 from pipelines.client import schedule, submit
 from pipelines.pipeline import compile_pipeline
+from tests.conftest import send_json
 
 API = "/apis/v2beta1"
 TOKEN = "test-token"
@@ -286,13 +287,7 @@ class _Handler(BaseHTTPRequestHandler):
             req.json = json.loads(body)
         elif ctype.startswith("multipart/form-data"):
             req.form = _multipart(ctype, body)
-        status, payload = self.fake.dispatch(req)
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, *self.fake.dispatch(req))
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 

@@ -47,7 +47,7 @@ from components.modeling import completion_logprobs, encode_prompts, load_policy
 from components.vllm_backend import (INSTALL_HINT, Request, VLLMUnavailableError, engine_kwargs, plan_requests,
                                      sampling_kwargs, to_generations)
 from pipelines import trainer_job
-from tests.conftest import fast_config
+from tests.conftest import fast_config, send_json
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_GPU = "requires GPU (not lent to this task)"
@@ -657,12 +657,7 @@ class FakeKubernetes:
                 pass
 
             def reply(self, code, body):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, code, body)
 
             def do_POST(self):
                 fake.requests.append(("POST", self.path))
