@@ -147,8 +147,9 @@ def load_policy(path: str, cfg: ModelConfig | None = None) -> tuple[PreTrainedMo
         )
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {_short(err)}") from None
-    heads = [a for a in (model.config.architectures or []) if not a.endswith("ForCausalLM")]
-    if heads and any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in heads):
+    heads = [a for a in (model.config.architectures or [])
+             if a.endswith(("ForSequenceClassification", "ForTokenClassification"))]
+    if heads:
         raise ModelLoadError(f"cannot load a causal LM from {path}: it holds a {heads[0]} (a reward model?); "
                              "pass the policy directory")
     if gguf:  # transformers dequantized the GGUF weights on load: a plain torch model from here on,
