@@ -55,11 +55,17 @@ class ArithmeticConfig(_Strict):
     num_operations: int = Field(1, ge=1, le=6)
     operators: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"], min_length=1)
     parentheses: bool = False
+    careless_demonstrations: float = Field(
+        0.0, ge=0, le=1, description="fraction of the SFT demonstrations of carrying sums (a + b) that drop the "
+                                     "carry, as a careless annotator does; the verifier's answers stay correct")
 
     @model_validator(mode="after")
     def _range(self) -> "ArithmeticConfig":
         if self.max_operand < self.min_operand:
             raise ValueError("max_operand must be >= min_operand")
+        if self.careless_demonstrations and (self.num_operations != 1 or "+" not in self.operators):
+            raise ValueError("careless_demonstrations drops carries of sums: it needs num_operations 1 and '+' "
+                             "among the operators")
         return self
 
 

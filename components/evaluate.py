@@ -21,36 +21,39 @@ def majority(answers: list[str | None]) -> str | None:
     return max(votes, key=lambda a: (votes[a], -answers.index(a))) if votes else None
 
 
-def run(cfg: Config, test_path: str, policy_dir: str, out_path: str | None = None,
-        samples_out: str | None = None, step: int = 0) -> dict:
-    """Accuracy of `policy_dir` on the held-out split; writes metrics JSON to `out_path`."""
-    test = read_parquet(test_path, "held-out prompts", ["prompt", "answer"])
-    if test.empty:
-        raise ValueError(f"held-out prompts {test_path} are empty")
+def run(cfg: Config, test: str, policy: str, out: str | None = None,
+        samples: str | None = None, step: int = 0) -> dict:
+    """Greedy accuracy of the model directory `policy` on the held-out prompts `test`.
+
+    Writes the metrics as JSON to `out` and the greedy completions to `samples` (Parquet), when given.
+    """
+    rows = read_parquet(test, "held-out prompts", ["prompt", "answer"])
+    if rows.empty:
+        raise ValueError(f"held-out prompts {test} are empty")
     ec = cfg.evaluation
-    backend = make_backend(cfg.rollout.backend, policy_dir, cfg.model, cfg.rollout)
-    texts = [chat_prompt(backend.tok, p, cfg.data.system_prompt) for p in test.prompt]
+    backend = make_backend(cfg.rollout.backend, policy, cfg.model, cfg.rollout)
+    texts = [chat_prompt(backend.tok, p, cfg.data.system_prompt) for p in rows.prompt]
     greedy = backend.generate(texts, Sampling(n=1, temperatures=[0.0], max_new_tokens=ec.max_new_tokens,
                                               greedy=True, seed=cfg.seed))
     greedy.sort(key=lambda g: g.prompt_index)
-    correct = [is_correct(g.text, a) for g, a in zip(greedy, test.answer)]
+    correct = [is_correct(g.text, a) for g, a in zip(greedy, rows.answer)]
     metrics = {"eval/accuracy": sum(correct) / len(correct), "eval/num_prompts": len(correct)}
     if ec.maj_k > 0:
-        samples = backend.generate(texts, Sampling(n=ec.maj_k, temperatures=[ec.maj_temperature] * ec.maj_k,
-                                                   max_new_tokens=ec.max_new_tokens, seed=cfg.seed))
+        drawn = backend.generate(texts, Sampling(n=ec.maj_k, temperatures=[ec.maj_temperature] * ec.maj_k,
+                                                 max_new_tokens=ec.max_new_tokens, seed=cfg.seed))
         by_prompt: dict[int, list[str | None]] = {}
-        for g in sorted(samples, key=lambda g: (g.prompt_index, g.sample_index)):
+        for g in sorted(drawn, key=lambda g: (g.prompt_index, g.sample_index)):
             by_prompt.setdefault(g.prompt_index, []).append(extract_answer(g.text))
-        maj = [majority(by_prompt[i]) == normalize_number(a) for i, a in enumerate(test.answer)]
+        maj = [majority(by_prompt[i]) == normalize_number(a) for i, a in enumerate(rows.answer)]
         metrics[f"eval/maj@{ec.maj_k}"] = sum(maj) / len(maj)
     tracking.log_metrics(metrics, step=step)
-    print(f"[evaluate] {policy_dir}: accuracy {metrics['eval/accuracy']:.3f} on {len(correct)} held-out prompts",
+    print(f"[evaluate] {policy}: accuracy {metrics['eval/accuracy']:.3f} on {len(correct)} held-out prompts",
           flush=True)
-    if samples_out:
-        write_parquet(pd.DataFrame({"prompt": test.prompt, "answer": test.answer,
-                                    "completion": [g.text for g in greedy], "correct": correct}), samples_out)
-    if out_path:
-        write_json(metrics, out_path)
+    if samples:
+        write_parquet(pd.DataFrame({"prompt": rows.prompt, "answer": rows.answer,
+                                    "completion": [g.text for g in greedy], "correct": correct}), samples)
+    if out:
+        write_json(metrics, out)
     return metrics
 
 

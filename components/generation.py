@@ -97,7 +97,7 @@ class HFBackend:
                 logits_processor=LogitsProcessorList([_RowTemperature(temps)]),
             )
             if cache is not None:
-                kw["past_key_values"] = cache
+                kw["cache"] = cache
             res = self.model.generate(
                 **enc, max_new_tokens=sampling.max_new_tokens, return_dict_in_generate=True,
                 output_scores=True, pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id, **kw,
@@ -134,7 +134,7 @@ class HFBackend:
             return None
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding, as generate() does
         cache = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
-                           use_cache=True).past_key_values
+                           use_cache=True).cache
         cache.batch_repeat_interleave(n)
         return cache
 

@@ -111,6 +111,11 @@ def _pad(vectors: list[torch.Tensor], width: int) -> torch.Tensor:
 ROLLOUT_COLUMNS = ("prompt_text", "completion_ids", "sampler_logprobs", "advantage", "reward")
 
 
+def as_paths(paths: str | list[str]) -> list[str]:
+    """One path or several (a round sharded across pods, the rounds of an iteration) as a list."""
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
 def load_rollouts(paths: list[str], columns: tuple[str, ...] = ROLLOUT_COLUMNS) -> pd.DataFrame:
     """Concatenate rollout shards (a round may be sharded across pods); each must have `columns`."""
     frames = [read_parquet(p, "rollouts", columns) for p in paths]
@@ -131,15 +136,16 @@ def load_rollouts(paths: list[str], columns: tuple[str, ...] = ROLLOUT_COLUMNS) 
     return df
 
 
-def run(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out_dir: str,
+def run(cfg: Config, rollouts: str | list[str], policy: str, reference: str | None, new_policy: str,
         step: int = 0) -> dict | None:
-    """Update π_θ on the rollouts; write the new policy (+ optimizer state) to `out_dir`.
+    """Update π_θ (the model directory `policy`) on the rollout table(s) `rollouts`, with π_ref the
+    model directory `reference`; write the new policy (+ optimizer state) to `new_policy`.
 
     One process by default; with `grpo.nproc_per_node > 1` the stage re-runs itself under
     torchrun and each rank runs the same `update` on its share (components.distributed).
     Returns the round's metrics (None on a torchrun rank other than 0).
     """
-    args = (cfg, rollout_paths, policy_dir, ref_dir, out_dir, step)
+    args = (cfg, as_paths(rollouts), policy, reference, new_policy, step)
     if distributed.should_launch(cfg.grpo.nproc_per_node):  # several GPUs in this pod: re-run under torchrun
         return distributed.launch(*args)
     if distributed.is_rank():  # one rank of a torchrun launch: FSDP-sharded

@@ -258,7 +258,7 @@ def shared_prompt_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, pro
     p_len = prompt_ids.shape[1]
     position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     cache = None if p_len < 2 else model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-                                         position_ids=position_ids[:, :-1], use_cache=True).past_key_values
+                                         position_ids=position_ids[:, :-1], use_cache=True).cache
     if cache is None:  # a 1-token prompt, or no KV cache (e.g. activation checkpointing while training)
         return completion_logprobs(model, prompt_ids[prompt_index], prompt_mask[prompt_index], completion_ids,
                                    completion_mask, with_entropy)
@@ -266,7 +266,7 @@ def shared_prompt_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, pro
     ids = torch.cat([prompt_ids[prompt_index, -1:], completion_ids[:, :-1]], dim=1)  # predicts completion_ids
     mask = torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1]], dim=1)   # cache + ids
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, p_len - 1:]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache).logits
     logprobs = F.log_softmax(logits.float(), dim=-1)
     logp = logprobs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask
     entropy = -(logprobs.exp() * logprobs).sum(-1) * completion_mask if with_entropy else None

@@ -19,16 +19,16 @@ from components.io import write_parquet
 from components.tasks import prepare_splits
 
 
-def run(cfg: Config, train_out: str, test_out: str) -> dict[str, Any]:
-    """Build the splits of ``cfg.data`` with ``cfg.seed``; write them to `train_out` / `test_out`.
+def run(cfg: Config, train: str, test: str) -> dict[str, Any]:
+    """Build the splits of ``cfg.data`` with ``cfg.seed``; write them to the paths `train` / `test`.
 
     Returns ``{"num_train", "num_test", "source"}``. Raises DatasetError on bad input,
     before any file is written.
     """
-    train, test = prepare_splits(cfg.data, cfg.seed)
-    write_parquet(train, train_out)
-    write_parquet(test, test_out)
-    return {"num_train": len(train), "num_test": len(test), "source": cfg.data.source}
+    train_rows, test_rows = prepare_splits(cfg.data, cfg.seed)
+    write_parquet(train_rows, train)
+    write_parquet(test_rows, test)
+    return {"num_train": len(train_rows), "num_test": len(test_rows), "source": cfg.data.source}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,9 +2,10 @@
 
 New versions of `<prefix>-policy` and `<prefix>-reward` get alias `challenger`. The
 policy becomes `champion` (and its reward model with it) only if its held-out accuracy
-beats the current champion's by `promote.margin`; the first version becomes champion.
-The champion is re-evaluated on this run's held-out split, so both numbers come from
-the same prompts. The decision and its reasons are logged and tagged.
+beats by `promote.margin` both the model the run started from (the SFT model, or the
+incoming champion of a `--from-champion` run) and the current champion — also when it
+is the first version. The champion is re-evaluated on this run's held-out split, so all
+numbers come from the same prompts. The decision and its reasons are logged and tagged.
 """
 
 from __future__ import annotations
@@ -33,14 +34,21 @@ class Decision:
     champion_version: str | None = None
     policy_version: str | None = None
     reward_version: str | None = None
+    start_accuracy: float | None = None
 
 
-def gate(challenger: float, champion: float | None, margin: float) -> tuple[bool, str]:
-    """Promote iff there is no champion or challenger > champion + margin."""
+def gate(challenger: float, champion: float | None, margin: float,
+         start: float | None = None) -> tuple[bool, str]:
+    """Promote iff challenger > start + margin (when the start is known) and, when there is a
+    champion, challenger > champion + margin."""
+    if start is not None and not challenger > start + margin:
+        return False, (f"accuracy {challenger:.4f} does not beat the {start:.4f} of the model this run started "
+                       f"from by more than {margin}: GRPO did not improve it")
+    beats_start = f"; it beats the starting model's {start:.4f}" if start is not None else ""
     if champion is None:
-        return True, f"no champion yet: the first version (accuracy {challenger:.4f}) becomes champion"
+        return True, f"no champion yet: accuracy {challenger:.4f}{beats_start} by more than {margin}"
     if challenger > champion + margin:
-        return True, f"accuracy {challenger:.4f} beats the champion's {champion:.4f} by more than {margin}"
+        return True, f"accuracy {challenger:.4f} beats the champion's {champion:.4f}{beats_start} by more than {margin}"
     return False, f"accuracy {challenger:.4f} does not beat the champion's {champion:.4f} by more than {margin}"
 
 
@@ -49,10 +57,14 @@ def names(cfg: Config) -> tuple[str, str]:
     return f"{cfg.promote.model_prefix}-policy", f"{cfg.promote.model_prefix}-reward"
 
 
-def run(cfg: Config, policy_dir: str, rm_dir: str | None, test_path: str, run_id: str,
-        buffer_path: str | None = None, challenger_accuracy: float | None = None,
-        tags: dict[str, str] | None = None) -> dict:
-    """Register policy (+ RM with its replay buffer) under `run_id` and gate the champion.
+def run(cfg: Config, policy: str, reward_model: str | None, test: str, run_id: str,
+        buffer: str | None = None, challenger_accuracy: float | None = None,
+        start_accuracy: float | None = None, tags: dict[str, str] | None = None) -> dict:
+    """Register the model directory `policy` (+ `reward_model` with its replay history `buffer`)
+    under MLflow run `run_id` and gate the champion on the held-out prompts `test`.
+
+    `challenger_accuracy`: the policy's accuracy on `test` (evaluated here when None);
+    `start_accuracy`: the accuracy of the model the run started from, which the policy must beat.
 
     Registry safety (tracking outages, killed tasks, racing runs):
     - versions are created first, tagged `promotion_decision=pending`, with no alias; aliases
@@ -69,9 +81,9 @@ def run(cfg: Config, policy_dir: str, rm_dir: str | None, test_path: str, run_id
     drop_pending(c, (policy_name, reward_name), run_id)
     acc = challenger_accuracy
     if acc is None:
-        acc = evaluate.run(cfg, test_path, policy_dir)["eval/accuracy"]
+        acc = evaluate.run(cfg, test, policy)["eval/accuracy"]
     current = tracking.champion(c, policy_name)
-    champ_acc = _accuracy_of(cfg, test_path, current)
+    champ_acc = _accuracy_of(cfg, test, current)
     version_tags = {**(tags or {}), tracking.ACCURACY_TAG: acc, "config_hash": cfg.hash(),
                     "promotion_decision": PENDING}
     created: list[tuple[str, str]] = []
@@ -79,16 +91,16 @@ def run(cfg: Config, policy_dir: str, rm_dir: str | None, test_path: str, run_id
     try:
         with tempfile.TemporaryDirectory() as tmp:  # the registered policy: weights + tokenizer, no optimizer pickle
             staged_policy = Path(tmp) / "policy"
-            shutil.copytree(policy_dir, staged_policy, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
+            shutil.copytree(policy, staged_policy, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
             pv = tracking.register_dir(c, policy_name, str(staged_policy), run_id, "policy", version_tags)
             created.append((policy_name, pv))
         rv = None
-        if rm_dir:
+        if reward_model:
             with tempfile.TemporaryDirectory() as tmp:
                 staged = Path(tmp) / "reward_model"
-                shutil.copytree(rm_dir, staged)
-                if buffer_path:  # the next scheduled run carries the replay buffer forward from here
-                    shutil.copy(buffer_path, staged / BUFFER_FILE)
+                shutil.copytree(reward_model, staged)
+                if buffer:  # the next scheduled run carries the replay buffer forward from here
+                    shutil.copy(buffer, staged / BUFFER_FILE)
                 rv = tracking.register_dir(c, reward_name, str(staged), run_id, "reward_model",
                                            {**version_tags, "policy_version": pv})
                 created.append((reward_name, rv))
@@ -97,8 +109,8 @@ def run(cfg: Config, policy_dir: str, rm_dir: str | None, test_path: str, run_id
             if _version(latest) != _version(current):  # promoted by another run since we looked: gate again
                 print(f"[promote] the champion changed to v{_version(latest)} meanwhile; gating against it",
                       flush=True)
-                current, champ_acc = latest, _accuracy_of(cfg, test_path, latest)
-            promoted, reason = gate(acc, champ_acc, cfg.promote.margin)
+                current, champ_acc = latest, _accuracy_of(cfg, test, latest)
+            promoted, reason = gate(acc, champ_acc, cfg.promote.margin, start_accuracy)
             updates = [(policy_name, tracking.CHALLENGER, pv)] + ([(reward_name, tracking.CHALLENGER, rv)] if rv else [])
             if promoted:  # the reward model first: the policy alias is the one runs start from
                 updates += ([(reward_name, tracking.CHAMPION, rv)] if rv else []) + [(policy_name, tracking.CHAMPION, pv)]
@@ -112,12 +124,15 @@ def run(cfg: Config, policy_dir: str, rm_dir: str | None, test_path: str, run_id
     for name, version in created:
         c.set_model_version_tag(name, version, "promotion_decision", decision_tag)
         c.set_model_version_tag(name, version, "promotion_reason", reason)
-    decision = Decision(promoted, reason, acc, champ_acc, str(current.version) if current else None, pv, rv)
+    decision = Decision(promoted, reason, acc, champ_acc, str(current.version) if current else None, pv, rv,
+                        start_accuracy)
     c.set_tag(run_id, "promotion_decision", decision_tag)
     c.set_tag(run_id, "promotion_reason", reason)
     c.log_metric(run_id, "promote/challenger_accuracy", acc)
     if champ_acc is not None:
         c.log_metric(run_id, "promote/champion_accuracy", champ_acc)
+    if start_accuracy is not None:
+        c.log_metric(run_id, "promote/start_accuracy", start_accuracy)
     print(f"[promote] {policy_name} v{pv}: {'PROMOTED to champion' if promoted else 'not promoted'} — {reason}",
           flush=True)
     return asdict(decision)
@@ -131,13 +146,13 @@ def _version(mv) -> str | None:
     return str(mv.version) if mv is not None else None
 
 
-def _accuracy_of(cfg: Config, test_path: str, mv) -> float | None:
+def _accuracy_of(cfg: Config, test: str, mv) -> float | None:
     """The held-out accuracy of registered version `mv` on this run's test split (None: no champion)."""
     if mv is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         champ_dir = tracking.download_model(mv.source, tmp)
-        return evaluate.run(cfg, test_path, champ_dir)["eval/accuracy"]
+        return evaluate.run(cfg, test, champ_dir)["eval/accuracy"]
 
 
 def _alias_version(c, name: str, alias: str) -> str | None:
@@ -238,16 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--buffer", help="replay buffer Parquet stored with the reward model")
     p.add_argument("--test", required=True, help="held-out prompts (Parquet) both models are evaluated on")
     p.add_argument("--run-id", help="MLflow run to log the models to (default: a new run)")
+    p.add_argument("--start-policy", help="the model the policy was trained from (e.g. the SFT model): "
+                                          "the policy must beat it on --test to become champion")
 
     def body(a):
         cfg = config_from_args(a)
+        start = evaluate.run(cfg, a.test, a.start_policy)["eval/accuracy"] if a.start_policy else None
         c = tracking.client(cfg.tracking.tracking_uri)
         run_id = a.run_id
         if not run_id:
             run_id = c.create_run(tracking.ensure_experiment(c, cfg.tracking.experiment),
                                   run_name="manual-promote").info.run_id
         try:
-            return run(cfg, a.policy, a.reward_model, a.test, run_id, a.buffer)
+            return run(cfg, a.policy, a.reward_model, a.test, run_id, a.buffer, start_accuracy=start)
         finally:
             if not a.run_id:
                 c.set_terminated(run_id)

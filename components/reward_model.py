@@ -128,16 +128,17 @@ def load_backbone(policy_dir: str, cfg: Config):
     return rm.to(default_device()), tok
 
 
-def run(cfg: Config, train_path: str, policy_dir: str, out_dir: str, data_out: str) -> dict:
-    """Build the RM data from the training prompts, train r_φ, report held-out accuracy.
+def run(cfg: Config, train: str, policy: str, reward_model: str, rm_data: str) -> dict:
+    """Build the RM data from the training prompts, train r_φ on the `policy`'s backbone.
 
-    Writes the reward model (HF directory) to `out_dir` and its data table to `data_out`.
+    Writes the reward model (HF directory) to `reward_model` and its labelled data (the start
+    of the replay history) to `rm_data`; reports its held-out pairwise accuracy.
     """
-    prompts = read_parquet(train_path, "training prompts", ["id", "prompt", "answer"])
+    prompts = read_parquet(train, "training prompts", ["id", "prompt", "answer"])
     data = synthetic_rm_data(prompts, cfg.reward_model.negatives_per_prompt, cfg.seed)
     train, held = split_by_prompt(data, cfg.reward_model.heldout_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)  # the new score head's initialisation
-    rm, tok = load_backbone(policy_dir, cfg)
+    rm, tok = load_backbone(policy, cfg)
     rc = cfg.reward_model
     losses = fit(rm, tok, train, cfg, rc.steps, rc.lr, rc.batch_size, "reward_model")
     acc = pairwise_accuracy(rm, tok, make_pairs(held, cfg.seed), rc.max_length)
@@ -145,8 +146,8 @@ def run(cfg: Config, train_path: str, policy_dir: str, out_dir: str, data_out: s
     metrics = {"rm/heldout_accuracy": acc, "rm/final_loss": losses[-1] if losses else float("nan"),
                "rm/examples": len(train)}
     tracking.log_metrics(metrics)
-    save_model(rm, tok, out_dir)
-    write_parquet(data, data_out)
+    save_model(rm, tok, reward_model)
+    write_parquet(data, rm_data)
     return metrics
 
 

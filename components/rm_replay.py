@@ -1,10 +1,11 @@
 """Stage: reward-model replay retraining (the last step of each outer iteration).
 
-Fresh policy samples are labelled by the task's verifier; the replay buffer is those
-fresh samples plus a fraction (default 10%) of historical data (earlier buffers and
-the original RM data). The RM continues training from its last weights on the
-buffer. Its pairwise accuracy on held-out fresh samples is measured before and after:
-the gap is the staleness that retraining removes.
+Fresh policy samples (every round of the iteration) are labelled by the task's verifier;
+the RM continues training from its last weights on them plus a fraction (default 10%)
+of the replay history (the RM's original data and every earlier iteration's samples).
+The history with this iteration's samples added is written out for the next iteration.
+The RM's pairwise accuracy on held-out fresh samples is measured before and after
+retraining: the gap is the staleness that retraining removes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pandas as pd
 
 from components import tracking
 from components.config import Config
-from components.grpo_update import load_rollouts
+from components.grpo_update import as_paths, load_rollouts
 from components.io import read_parquet, write_parquet
 from components.modeling import load_reward_model, save_model
 from components.reward_model import RM_COLUMNS, fit, make_pairs, pairwise_accuracy, split_by_prompt
@@ -30,17 +31,22 @@ def fresh_samples(rollouts: pd.DataFrame, iteration: int) -> pd.DataFrame:
     return rows.drop_duplicates(["prompt_id", "completion"]).reset_index(drop=True)
 
 
-def run(cfg: Config, rollout_paths: list[str], rm_dir: str, history_paths: list[str], out_dir: str,
-        buffer_out: str, iteration: int = 0) -> dict:
-    """Retrain r_φ on fresh + replayed samples; write the RM and the new buffer."""
-    fresh = fresh_samples(load_rollouts(rollout_paths, ("id", "prompt", "completion", "correct")), iteration)
-    history = [read_parquet(p, "replay history", RM_COLUMNS)[RM_COLUMNS] for p in history_paths]
-    historical = pd.concat(history, ignore_index=True) if history else pd.DataFrame(columns=RM_COLUMNS)
+def run(cfg: Config, rollouts: str | list[str], reward_model: str, history: str | list[str], new_reward_model: str,
+        buffer: str, iteration: int = 0) -> dict:
+    """Retrain r_φ (the directory `reward_model`) on the iteration's rollouts + replayed history.
+
+    `rollouts`: the iteration's rollout tables (every round); `history`: the replay history so
+    far (the RM's initial data and every earlier iteration's samples). Writes the retrained RM
+    to `new_reward_model` and the history with this iteration's samples added to `buffer`.
+    """
+    fresh = fresh_samples(load_rollouts(as_paths(rollouts), ("id", "prompt", "completion", "correct")), iteration)
+    earlier = [read_parquet(p, "replay history", RM_COLUMNS)[RM_COLUMNS] for p in as_paths(history)]
+    historical = pd.concat(earlier, ignore_index=True) if earlier else pd.DataFrame(columns=RM_COLUMNS)
     replayed = historical.sample(frac=cfg.replay.historical_fraction, random_state=cfg.seed + iteration)
     fresh_train, fresh_held = split_by_prompt(fresh, FRESH_HELDOUT, cfg.seed + iteration)
     train = pd.concat([fresh_train, replayed], ignore_index=True)
     held_pairs = make_pairs(fresh_held, cfg.seed)
-    rm, tok = load_reward_model(rm_dir, cfg.model)
+    rm, tok = load_reward_model(reward_model, cfg.model)
     max_len = cfg.reward_model.max_length
     before = pairwise_accuracy(rm, tok, held_pairs, max_len)
     if make_pairs(train, cfg.seed) or cfg.reward_model.objective == "pointwise":
@@ -49,14 +55,16 @@ def run(cfg: Config, rollout_paths: list[str], rm_dir: str, history_paths: list[
         print("[rm_replay] no (correct, incorrect) pair in the buffer: the reward model is kept as it was")
     after = pairwise_accuracy(rm, tok, held_pairs, max_len)
     metrics = {"replay/fresh_samples": len(fresh), "replay/replayed_samples": len(replayed),
-               "replay/buffer_size": len(fresh) + len(replayed), "replay/heldout_pairs": len(held_pairs),
+               "replay/train_samples": len(train), "replay/history_size": len(historical) + len(fresh),
+               "replay/heldout_pairs": len(held_pairs),
                "replay/rm_accuracy_before": before, "replay/rm_accuracy_after": after,
                "replay/fresh_correct_fraction": float(fresh.label.mean())}
     tracking.log_metrics(metrics, step=iteration)
     print(f"[rm_replay] iteration {iteration}: RM accuracy on fresh held-out pairs {before:.3f} → {after:.3f} "
-          f"({len(held_pairs)} pairs; buffer {metrics['replay/buffer_size']})", flush=True)
-    save_model(rm, tok, out_dir)
-    write_parquet(pd.concat([fresh, replayed], ignore_index=True), buffer_out)
+          f"({len(held_pairs)} pairs; trained on {len(fresh_train)} fresh + {len(replayed)} replayed samples)",
+          flush=True)
+    save_model(rm, tok, new_reward_model)
+    write_parquet(pd.concat([historical, fresh], ignore_index=True), buffer)
     return metrics
 
 
@@ -64,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("rm_replay", "Retrain the reward model on fresh policy samples + replayed history.")
     p.add_argument("--rollouts", required=True, nargs="+", help="this iteration's rollout Parquet files")
     p.add_argument("--reward-model", required=True, help="current reward model directory")
-    p.add_argument("--history", nargs="*", default=[], help="earlier buffers and the original RM data")
+    p.add_argument("--history", nargs="*", default=[], help="the replay history so far (the RM's data, earlier buffers)")
     p.add_argument("--out", required=True, help="output reward model directory")
-    p.add_argument("--buffer-out", required=True, help="output replay buffer Parquet")
+    p.add_argument("--buffer-out", required=True, help="output Parquet: the replay history with this iteration's samples")
     p.add_argument("--iteration", type=int, default=0)
     return main_wrapper(lambda a: run(config_from_args(a), a.rollouts, a.reward_model, a.history, a.out,
                                       a.buffer_out, a.iteration), p, argv)

@@ -54,17 +54,18 @@ def rewards_for(cfg: Config, problems: list[str], completions: list[str], answer
     return parts
 
 
-def run(cfg: Config, prompts_path: str, policy_dir: str, rm_dir: str | None, out_path: str,
+def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollouts: str,
         step: int = 0, policy_version: str = "0", shard: int = 0) -> dict:
-    """Sample, score and write one round of rollouts (or one shard of it)."""
+    """Sample G completions per prompt from the model directory `policy`, score them (with the
+    reward model directory `reward_model`, if any) and write the round (or one shard of it) to `rollouts`."""
     rc = cfg.rollout
-    prompts = select_prompts(read_parquet(prompts_path, "prompts", ["id", "prompt", "answer"]), rc.prompts_per_step,
-                             cfg.seed, step, shard, rc.shards)
-    if prompts.empty:
-        raise ValueError(f"no prompts for rollout shard {shard} of {rc.shards} ({prompts_path})")
-    backend = make_backend(rc.backend, policy_dir, cfg.model, rc)
+    batch = select_prompts(read_parquet(prompts, "prompts", ["id", "prompt", "answer"]), rc.prompts_per_step,
+                           cfg.seed, step, shard, rc.shards)
+    if batch.empty:
+        raise ValueError(f"no prompts for rollout shard {shard} of {rc.shards} ({prompts})")
+    backend = make_backend(rc.backend, policy, cfg.model, rc)
     tok = backend.tok
-    texts = [chat_prompt(tok, p, cfg.data.system_prompt) for p in prompts.prompt]
+    texts = [chat_prompt(tok, p, cfg.data.system_prompt) for p in batch.prompt]
     sampling = Sampling(n=rc.group_size, temperatures=group_temperatures(rc.group_size, rc.temperature,
                         rc.temperature_range), max_new_tokens=rc.max_new_tokens, top_p=rc.top_p,
                         seed=cfg.seed * 100_003 + step * 101 + shard)
@@ -72,13 +73,13 @@ def run(cfg: Config, prompts_path: str, policy_dir: str, rm_dir: str | None, out
     gens = backend.generate(texts, sampling)
     gen_seconds = time.perf_counter() - start
     gens.sort(key=lambda g: (g.prompt_index, g.sample_index))  # consecutive groups of G
-    rows = prompts.iloc[[g.prompt_index for g in gens]].reset_index(drop=True)
+    rows = batch.iloc[[g.prompt_index for g in gens]].reset_index(drop=True)
     completions = [g.text for g in gens]
     empty = sum(1 for g in gens if not g.token_ids)
     if empty:
         raise ValueError(f"{empty} of {len(gens)} completions are empty (no token generated); "
                          "check rollout.max_new_tokens and the tokenizer's EOS")
-    parts = rewards_for(cfg, rows.prompt.tolist(), completions, rows.answer.tolist(), rm_dir)
+    parts = rewards_for(cfg, rows.prompt.tolist(), completions, rows.answer.tolist(), reward_model)
     a = cfg.grpo.advantage
     rewards = torch.tensor(parts.reward.to_numpy(), dtype=torch.float64)
     advantages = group_advantages(rewards, rc.group_size, a.scale, a.std, a.eps)
@@ -92,7 +93,7 @@ def run(cfg: Config, prompts_path: str, policy_dir: str, rm_dir: str | None, out
         "correct": parts.reward_correct > 0.5, "advantage": advantages.numpy(),
         "policy_version": policy_version, "step": step,
     })
-    write_parquet(out, out_path)
+    write_parquet(out, rollouts)
     n_tokens = int(sum(len(g.token_ids) for g in gens))
     metrics = {
         "rollout/reward_mean": float(parts.reward.mean()), "rollout/reward_std": float(parts.reward.std(ddof=0)),
@@ -103,7 +104,7 @@ def run(cfg: Config, prompts_path: str, policy_dir: str, rm_dir: str | None, out
         "rollout/truncated_fraction": float((out.finish_reason == "length").mean()),
     }
     tracking.log_metrics(metrics, step=step)
-    print(f"[rollout] step {step}: {len(prompts)} prompts × {rc.group_size} → accuracy "
+    print(f"[rollout] step {step}: {len(batch)} prompts × {rc.group_size} → accuracy "
           f"{metrics['rollout/accuracy']:.3f}, reward {metrics['rollout/reward_mean']:.3f}, "
           f"{metrics['rollout/tokens_per_s']:.0f} tok/s", flush=True)
     return metrics

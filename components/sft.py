@@ -17,12 +17,18 @@ from components.training import train_steps
 
 
 def build_examples(tok, df: pd.DataFrame, cfg: Config) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) per row; the completion ends with EOS."""
+    """(prompt ids, completion ids) per row; the completion ends with EOS.
+
+    The completion is the row's `demonstration` when it has one (what a demonstrator wrote,
+    right or wrong), else the reference completion of its answer (and solution).
+    """
     examples = []
     for row in df.itertuples(index=False):
         prompt = chat_prompt(tok, row.prompt, cfg.data.system_prompt)
-        solution = getattr(row, "solution", None)
-        completion = reference_completion(row.answer, solution, cfg.sft.with_reasoning) + tok.eos_token
+        demonstration = getattr(row, "demonstration", None)
+        if not (isinstance(demonstration, str) and demonstration.strip()):
+            demonstration = reference_completion(row.answer, getattr(row, "solution", None), cfg.sft.with_reasoning)
+        completion = demonstration + tok.eos_token
         p_ids = tok(prompt, add_special_tokens=False).input_ids
         c_ids = tok(completion, add_special_tokens=False).input_ids
         examples.append((p_ids, c_ids[: max(1, cfg.sft.max_length - len(p_ids))]))
@@ -43,26 +49,26 @@ def lm_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def run(cfg: Config, train_path: str, out_dir: str, init_dir: str | None = None) -> dict:
-    """Fine-tune the configured initial policy (or `init_dir`) on the train split.
+def run(cfg: Config, train: str, model: str, init: str | None = None) -> dict:
+    """Fine-tune the configured initial policy (or the model directory `init`) on the train split.
 
-    Writes an HF model directory to `out_dir`; returns the metrics.
+    Writes an HF model directory to `model`; returns the metrics.
     """
-    df = read_parquet(train_path, "training prompts", ["prompt", "answer"])
+    df = read_parquet(train, "training prompts", ["prompt", "answer"])
     if df.empty:
-        raise ValueError(f"training prompts {train_path} are empty")
-    model, tok = load_policy(init_dir, cfg.model) if init_dir else initial_policy(cfg.model, cfg.seed)
+        raise ValueError(f"training prompts {train} are empty")
+    policy, tok = load_policy(init, cfg.model) if init else initial_policy(cfg.model, cfg.seed)
     examples = build_examples(tok, df, cfg)
     rng = random.Random(cfg.seed)
     tracking.log_params({"sft.steps": cfg.sft.steps, "sft.lr": cfg.sft.lr, "sft.examples": len(examples)})
 
     def loss_fn(step: int) -> torch.Tensor:
         batch = lm_batch(rng.sample(examples, min(cfg.sft.batch_size, len(examples))), tok.pad_token_id)
-        return model(**{k: v.to(model.device) for k, v in batch.items()}).loss
+        return policy(**{k: v.to(policy.device) for k, v in batch.items()}).loss
 
-    losses = train_steps(model, loss_fn, cfg.sft.steps, cfg.sft.lr, cfg.sft.weight_decay,
+    losses = train_steps(policy, loss_fn, cfg.sft.steps, cfg.sft.lr, cfg.sft.weight_decay,
                          cfg.sft.warmup_steps, name="sft")
-    save_model(model, tok, out_dir)
+    save_model(policy, tok, model)
     return {"sft/final_loss": losses[-1] if losses else float("nan"), "sft/examples": len(examples)}
 
 

@@ -264,8 +264,8 @@ class _ArithmeticSpace:
         return (f"operands {self.lo}..{self.hi}, {self.k} operation(s) from {self.ops}, "
                 f"parentheses {'on' if len(self.spans) > 1 else 'off'}")
 
-    def decode(self, index: int) -> tuple[str, str, str]:
-        """(prompt, answer, solution) of problem number `index`."""
+    def decode(self, index: int) -> tuple[str, str, str, list[int], list[str]]:
+        """(prompt, answer, solution, operands, operators) of problem number `index`."""
         index, s = divmod(index, len(self.spans))
         span = self.spans[s]
         ops = []
@@ -287,11 +287,42 @@ class _ArithmeticSpace:
             flat_ops = ops[:i] + ops[j:]
         value, more = _eval_steps(vals, flat_ops)
         expr = terms[0] + "".join(f" {op} {t}" for op, t in zip(ops, terms[1:]))
-        return f"What is {expr}?", str(value), "\n".join(steps + more)
+        return f"What is {expr}?", str(value), "\n".join(steps + more), operands, ops
+
+
+def dropped_carry_sum(a: int, b: int) -> int:
+    """a + b as a careless hand adds it: each digit column summed mod 10, every carry forgotten.
+
+    ``37 + 48 → 75`` (not 85), ``45 + 5 → 40``, ``25 + 75 → 90``; equal to a + b when no
+    column carries. Non-negative operands only.
+    """
+    if a < 0 or b < 0:
+        raise ValueError(f"dropped_carry_sum needs non-negative operands, got {a} and {b}")
+    total, place = 0, 1
+    while a or b:
+        total += ((a % 10 + b % 10) % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return total
+
+
+def careless_demonstrations(operands: list[list[int]], operators: list[list[str]], rate: float,
+                            seed: int) -> list[str | None]:
+    """SFT demonstrations from a careless annotator: for each single-addition problem whose sum
+    carries, with probability `rate` the demonstration gives the sum with the carry dropped
+    (``<answer>75</answer>`` for 37 + 48); None elsewhere (the SFT stage then imitates the
+    correct reference completion). The verifier's answers are not touched."""
+    rng = random.Random(seed)
+    out: list[str | None] = []
+    for nums, ops in zip(operands, operators):
+        careless = None
+        if ops == ["+"] and dropped_carry_sum(*nums) != sum(nums) and rng.random() < rate:
+            careless = reference_completion(str(dropped_carry_sum(*nums)))
+        out.append(careless)
+    return out
 
 
 def make_arithmetic(cfg: ArithmeticConfig, n: int, seed: int,
-                    exclude: set[str] | None = None) -> pd.DataFrame:
+                    exclude: set[str] | None = None, demonstrations: bool = False) -> pd.DataFrame:
     """`n` distinct seeded arithmetic problems as a prompt table.
 
     Each problem has ``num_operations`` operators drawn from ``operators`` and
@@ -301,7 +332,9 @@ def make_arithmetic(cfg: ArithmeticConfig, n: int, seed: int,
     allow. The prompt reads ``What is 37 + 48 * 12?``; the answer uses normal precedence
     (``*`` before ``+``/``-``, left to right); the solution lists one operation per
     line (``48 * 12 = 576``). Deterministic for a seed; prompts in `exclude` are
-    avoided. Ids are ``arith-<seed>-<i>``.
+    avoided. Ids are ``arith-<seed>-<i>``. With `demonstrations` and
+    ``cfg.careless_demonstrations > 0`` the table has a ``demonstration`` column
+    (:func:`careless_demonstrations`): what SFT imitates instead of the correct answer.
 
     Raises DatasetError when fewer than `n` distinct problems are available.
     """
@@ -314,7 +347,7 @@ def make_arithmetic(cfg: ArithmeticConfig, n: int, seed: int,
             f"arithmetic task: asked for {n} distinct problems but the knobs allow only "
             f"{space.size} ({space.describe()}); widen the operand range or add operations")
     rng = random.Random(seed)
-    rows: list[tuple[str, str, str]] = []
+    rows: list[tuple[str, str, str, list[int], list[str]]] = []
     if (n + len(exclude)) * 2 >= space.size:
         # Dense: enumerate every problem in a seeded order (size is small here).
         order = list(range(space.size))
@@ -341,12 +374,16 @@ def make_arithmetic(cfg: ArithmeticConfig, n: int, seed: int,
             row = space.decode(index)
             if row[0] not in exclude:
                 rows.append(row)
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "id": [f"arith-{seed}-{i}" for i in range(len(rows))],
         "prompt": [r[0] for r in rows],
         "answer": [r[1] for r in rows],
         "solution": pd.Series([r[2] for r in rows], dtype=object),
     }, columns=COLUMNS)
+    if demonstrations and cfg.careless_demonstrations > 0:
+        table["demonstration"] = pd.Series(careless_demonstrations(
+            [r[3] for r in rows], [r[4] for r in rows], cfg.careless_demonstrations, seed), dtype=object)
+    return table
 
 
 # =========================================================================== loading
@@ -565,15 +602,15 @@ def _cap(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 def prepare_splits(cfg: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The (train, test) prompt tables of a data config.
 
-    arithmetic: ``make_arithmetic`` for train (`seed`) and test (``seed +
-    TEST_SEED_OFFSET``, excluding the train prompts). file: `path`, and `test_path`
+    arithmetic: ``make_arithmetic`` for train (`seed`, with the configured careless
+    demonstrations) and test (``seed + TEST_SEED_OFFSET``, excluding the train prompts). file: `path`, and `test_path`
     when given, else the last ``num_test`` rows of a seeded shuffle of `path` are the
     test split. hf: the ``hf_train_split`` / ``hf_test_split`` splits of `path`.
     Tables larger than ``num_train`` / ``num_test`` are cut to a seeded sample. Test
     rows whose prompt also appears in train are dropped; DatasetError when none is left.
     """
     if cfg.source == "arithmetic":
-        train = make_arithmetic(cfg.arithmetic, cfg.num_train, seed)
+        train = make_arithmetic(cfg.arithmetic, cfg.num_train, seed, demonstrations=True)
         test = make_arithmetic(cfg.arithmetic, cfg.num_test, seed + TEST_SEED_OFFSET,
                                exclude=set(train["prompt"]))
         return train, test

@@ -1,14 +1,15 @@
 """KFP components: one thin lightweight Python component per stage.
 
-Each body only imports `pipelines.runtime` and hands it artifact paths; the image
-(`base_image`, chosen per stage from the config) already has kfp-grpo installed, so
-nothing is pip-installed at run time. Locally, `kfp.local`'s SubprocessRunner runs the
-same functions in the current environment.
+Each body hands its artifact paths to `pipelines.runtime`; the image (`base_image`, chosen
+per stage from the config) already has kfp-grpo installed, so nothing is pip-installed at
+run time. Locally, `kfp.local`'s SubprocessRunner runs the same functions in the current
+environment. Every component takes the task's `name` (the same in local progress, the
+compiled display name and the MLflow run).
 """
 
 
 from types import SimpleNamespace
-from typing import List
+from typing import List, NamedTuple, Optional
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -23,83 +24,102 @@ def start_tracking(config: str, tracking_uri: str, init_policy_uri: str, resume_
     return start_parent_run(config, tracking_uri, init_policy_uri, resume_run_id)
 
 
-def prepare_data(config: str, parent_run_id: str, tracking_uri: str, train: Output[Dataset],
+def prepare_data(config: str, parent_run_id: str, tracking_uri: str, name: str, train: Output[Dataset],
                  test: Output[Dataset], metrics: Output[Metrics]):
+    from components import prepare_data as stage
     from pipelines.runtime import run_task
 
-    run_task("prepare_data", config, parent_run_id, tracking_uri, metrics, train_out=train.path, test_out=test.path)
+    run_task(stage.run, name, config, parent_run_id, tracking_uri, metrics, train=train.path, test=test.path)
 
 
-def sft(config: str, parent_run_id: str, tracking_uri: str, init_policy_uri: str, train: Input[Dataset],
+def sft(config: str, parent_run_id: str, tracking_uri: str, name: str, init_policy_uri: str, train: Input[Dataset],
         model: Output[Model], metrics: Output[Metrics]):
-    from pipelines.runtime import sft_or_resume
+    from pipelines.runtime import sft_task
 
-    sft_or_resume(config, parent_run_id, tracking_uri, init_policy_uri, train.path, model.path, metrics)
+    sft_task(name, config, parent_run_id, tracking_uri, metrics, init_policy_uri, train=train.path, model=model.path)
 
 
-def reward_model(config: str, parent_run_id: str, tracking_uri: str, init_reward_uri: str, train: Input[Dataset],
-                 policy: Input[Model], reward_model: Output[Model], rm_data: Output[Dataset],
+def reward_model(config: str, parent_run_id: str, tracking_uri: str, name: str, init_reward_uri: str,
+                 train: Input[Dataset], policy: Input[Model], reward_model: Output[Model], rm_data: Output[Dataset],
                  metrics: Output[Metrics]):
-    from pipelines.runtime import reward_model_or_resume
+    from pipelines.runtime import reward_model_task
 
-    reward_model_or_resume(config, parent_run_id, tracking_uri, init_reward_uri, train.path, policy.path,
-                           reward_model.path, rm_data.path, metrics)
+    reward_model_task(name, config, parent_run_id, tracking_uri, metrics, init_reward_uri, train=train.path,
+                      policy=policy.path, reward_model=reward_model.path, rm_data=rm_data.path)
 
 
-def evaluate(config: str, parent_run_id: str, tracking_uri: str, step: int, test: Input[Dataset],
-             policy: Input[Model], samples: Output[Dataset], metrics: Output[Metrics]) -> float:
+def evaluate(config: str, parent_run_id: str, tracking_uri: str, name: str, step: int, test: Input[Dataset],
+             policy: Input[Model], samples: Output[Dataset],
+             metrics: Output[Metrics]) -> NamedTuple("Outputs", [("accuracy", float)]):
+    from collections import namedtuple
+
+    from components import evaluate as stage
     from pipelines.runtime import run_task
 
-    result = run_task("evaluate", config, parent_run_id, tracking_uri, metrics, test_path=test.path,
-                      policy_dir=policy.path, samples_out=samples.path, step=step)
-    return result["eval/accuracy"]
+    result = run_task(stage.run, name, config, parent_run_id, tracking_uri, metrics, test=test.path,
+                      policy=policy.path, samples=samples.path, step=step)
+    return namedtuple("Outputs", ["accuracy"])(result["eval/accuracy"])
 
 
-def rollout(config: str, parent_run_id: str, tracking_uri: str, step: int, policy_version: str, shard: int,
-            prompts: Input[Dataset], policy: Input[Model], reward_model: Input[Model],
-            rollouts: Output[Dataset], metrics: Output[Metrics]):
-    from pipelines.runtime import run_task
+def rollout(config: str, parent_run_id: str, tracking_uri: str, name: str, step: int, policy_version: str,
+            prompts: Input[Dataset], policy: Input[Model], reward_model: Input[Model], rollouts: Output[Dataset],
+            iteration_rollouts: Output[Dataset], metrics: Output[Metrics], shard: int = 0,
+            earlier_rollouts: Optional[Input[Dataset]] = None):
+    """One round's rollouts (or one shard); `iteration_rollouts`: `earlier_rollouts` + this round."""
+    from components import rollout as stage
+    from pipelines.runtime import accumulate, run_task
 
-    run_task("rollout", config, parent_run_id, tracking_uri, metrics, prompts_path=prompts.path,
-             policy_dir=policy.path, rm_dir=reward_model.path, out_path=rollouts.path, step=step,
+    run_task(stage.run, name, config, parent_run_id, tracking_uri, metrics, prompts=prompts.path,
+             policy=policy.path, reward_model=reward_model.path, rollouts=rollouts.path, step=step,
              policy_version=policy_version, shard=shard)
+    accumulate(earlier_rollouts.path if earlier_rollouts else None, rollouts.path, iteration_rollouts.path)
 
 
 def gather_rollouts(config: str, parent_run_id: str, tracking_uri: str, step: int, shards: Input[List[Dataset]],
-                    rollouts: Output[Dataset]):
+                    rollouts: Output[Dataset], iteration_rollouts: Output[Dataset],
+                    earlier_rollouts: Optional[Input[Dataset]] = None):
     """Concatenate rollout shards produced in parallel into one round; log the round's rollout metrics."""
-    from pipelines.runtime import gather
+    from pipelines.runtime import accumulate, gather
 
     gather(config, parent_run_id, tracking_uri, step, [s.path for s in shards], rollouts.path)
+    accumulate(earlier_rollouts.path if earlier_rollouts else None, rollouts.path, iteration_rollouts.path)
 
 
-def grpo_update(config: str, parent_run_id: str, tracking_uri: str, step: int, rollouts: Input[Dataset],
-                policy: Input[Model], reference: Input[Model], new_policy: Output[Model],
-                metrics: Output[Metrics]):
-    from pipelines.trainer_job import grpo_update_task  # in this pod, or a Trainer job when grpo.nodes > 1
+def grpo_update(config: str, parent_run_id: str, tracking_uri: str, name: str, step: int, rollouts: Input[Dataset],
+                policy: Input[Model], reference: Input[Model], new_policy: Output[Model], metrics: Output[Metrics]):
+    """The update in this pod, or (grpo.nodes > 1) as a Kubeflow Trainer job across nodes."""
+    from components import grpo_update as stage
+    from pipelines.runtime import run_task, setup
+    from pipelines.trainer_job import run_multinode_tracked
 
-    grpo_update_task(config, parent_run_id, tracking_uri, metrics, rollout_paths=[rollouts.path],
-                     policy_dir=policy.path, ref_dir=reference.path, out_dir=new_policy.path, step=step)
+    multinode = setup(config).grpo.nodes > 1
+    run_task(run_multinode_tracked if multinode else stage.run, name, config, parent_run_id, tracking_uri, metrics,
+             stage="grpo_update", rollouts=rollouts.path, policy=policy.path, reference=reference.path,
+             new_policy=new_policy.path, step=step)
 
 
-def rm_replay(config: str, parent_run_id: str, tracking_uri: str, iteration: int, rollouts: Input[Dataset],
-              reward_model: Input[Model], history: Input[Dataset], new_reward_model: Output[Model],
-              buffer: Output[Dataset], metrics: Output[Metrics]):
+def rm_replay(config: str, parent_run_id: str, tracking_uri: str, name: str, iteration: int,
+              rollouts: Input[Dataset], reward_model: Input[Model], history: Input[Dataset],
+              new_reward_model: Output[Model], buffer: Output[Dataset], metrics: Output[Metrics]):
+    from components import rm_replay as stage
     from pipelines.runtime import run_task
 
-    run_task("rm_replay", config, parent_run_id, tracking_uri, metrics, rollout_paths=[rollouts.path],
-             rm_dir=reward_model.path, history_paths=[history.path], out_dir=new_reward_model.path,
-             buffer_out=buffer.path, iteration=iteration)
+    run_task(stage.run, name, config, parent_run_id, tracking_uri, metrics, rollouts=rollouts.path,
+             reward_model=reward_model.path, history=history.path, new_reward_model=new_reward_model.path,
+             buffer=buffer.path, iteration=iteration)
 
 
-def promote(config: str, parent_run_id: str, tracking_uri: str, accuracy: float, sft_accuracy: float,
-            policy: Input[Model], reward_model: Input[Model], buffer: Input[Dataset], test: Input[Dataset],
-            metrics: Output[Metrics]) -> str:
+def promote(config: str, parent_run_id: str, tracking_uri: str, name: str, challenger_accuracy: float,
+            start_accuracy: float, policy: Input[Model], reward_model: Input[Model], buffer: Input[Dataset],
+            test: Input[Dataset], metrics: Output[Metrics]) -> str:
     """Register the models, run the gate, close the parent run; returns the decision as JSON."""
+    import json
+
     from pipelines.runtime import promote_task
 
-    return promote_task(config, parent_run_id, tracking_uri, accuracy, sft_accuracy, policy.path,
-                        reward_model.path, buffer.path, test.path, metrics)
+    return json.dumps(promote_task(name, config, parent_run_id, tracking_uri, metrics, policy=policy.path,
+                                   reward_model=reward_model.path, buffer=buffer.path, test=test.path,
+                                   challenger_accuracy=challenger_accuracy, start_accuracy=start_accuracy))
 
 
 _STAGE_OF = {"start_tracking": "prepare_data", "gather_rollouts": "rollout"}

@@ -154,13 +154,16 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
 
 
 def format_summary(s: dict, cfg: Config) -> str:
+    """The run's outcome in a few lines: accuracy before → after, the promotion decision, where to look."""
     ui = (f"mlflow ui --backend-store-uri {s['tracking_uri']}" if s["tracking_uri"].startswith("sqlite")
           else f"open {s['tracking_uri']}")
-    champion = s["champion_accuracy"]
+    start, final, champion = s["start_accuracy"], s["challenger_accuracy"], s["champion_accuracy"]
+    verdict = ("GRPO improved on it" if final > start else
+               "GRPO did NOT improve on it, so nothing was promoted")
     lines = [
         "",
         f"kfp-grpo run finished in {s['seconds'] / 60:.1f} min",
-        f"  held-out accuracy: SFT {s['sft_accuracy']:.3f} → GRPO {s['challenger_accuracy']:.3f}",
+        f"  held-out accuracy: start {start:.3f} → GRPO {final:.3f} ({final - start:+.3f}; {verdict})",
         f"  promotion: {cfg.promote.model_prefix}-policy v{s['policy_version']} "
         f"{'is the new champion' if s['promoted'] else 'was not promoted'} ({s['reason']})"
         + ("" if champion is None else f"; previous champion v{s['champion_version']}: {champion:.3f}"),

@@ -1,9 +1,9 @@
 """The iterative GRPO pipeline (DeepSeekMath Algorithm 1) as a KFP v2 pipeline.
 
-The outer loop is unrolled at compile time (KFP v2 has no recursion and ParallelFor
-carries no state): I iterations, each M rounds of rollout → GRPO update, then RM
-replay retraining and a held-out evaluation. Cluster placement comes from the config
-through kfp-kubernetes; local runs ignore it.
+One KFP task per task of the plan (`pipelines.plan.algorithm1`), in front of them
+`start-tracking`, which opens the MLflow parent run every task logs under. The outer
+loop is unrolled at compile time (KFP v2 has no recursion and ParallelFor carries no
+state). Cluster placement comes from the config through kfp-kubernetes; local runs ignore it.
 """
 
 
@@ -14,6 +14,7 @@ from kfp import dsl, kubernetes
 
 from components.config import Config, StageResources
 from pipelines.components import make_components
+from pipelines.plan import Ref, algorithm1, producers
 from pipelines.trainer_job import launcher_placement
 
 MLFLOW_CLIENT_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID",
@@ -80,9 +81,12 @@ def build_pipeline(cfg: Config, resume_run_id: str = "", caching: bool = False) 
 def _build_pipeline(cfg: Config, resume_run_id: str) -> Callable:
     ops = make_components(cfg)
     config = cfg.to_json()
-    I, M, shards = cfg.loop.iterations, cfg.loop.steps_per_iteration, cfg.rollout.shards
-    # grpo.nodes > 1: the update task only submits a Trainer job and waits (a CPU pod, not a GPU one)
-    update_stage = "grpo_update" if cfg.grpo.nodes == 1 else "prepare_data"
+    tasks = algorithm1(cfg)
+    producers(tasks)  # names unique, references backwards
+    # KFP has no fan-in of artifacts from different tasks: a list of rounds (rm-replay's input) is
+    # handed from each round's task to the next as `iteration_rollouts`; `earlier[t]` is t's predecessor.
+    earlier = {ref.task: prev.task for t in tasks for value in t.inputs.values() if isinstance(value, tuple)
+               for prev, ref in zip(value, value[1:])}
 
     @dsl.pipeline(name=cfg.name, description="Iterative GRPO: SFT → RM → I × (M × (rollout → update) → RM replay "
                                              "→ eval) → promote, tracked in MLflow")
@@ -91,54 +95,49 @@ def _build_pipeline(cfg: Config, resume_run_id: str) -> Callable:
         start = place(ops.start_tracking(config=config, tracking_uri=tracking_uri, init_policy_uri=init_policy_uri,
                                          **resume), cfg, "prepare_data", "start-tracking")
         shared = dict(config=config, parent_run_id=start.output, tracking_uri=tracking_uri)
-        data = place(ops.prepare_data(**shared), cfg, "prepare_data", "prepare-data")
-        train, test = data.outputs["train"], data.outputs["test"]
-        sft = place(ops.sft(**shared, init_policy_uri=init_policy_uri, train=train), cfg, "sft", "sft")
-        sft_policy = sft.outputs["model"]
-        sft_eval = place(ops.evaluate(**shared, step=0, test=test, policy=sft_policy), cfg, "evaluate", "evaluate-sft")
-        rm_task = place(ops.reward_model(**shared, init_reward_uri=init_reward_uri, train=train, policy=sft_policy),
-                        cfg, "reward_model", "reward-model")
-        policy, rm, history = sft_policy, rm_task.outputs["reward_model"], rm_task.outputs["rm_data"]
-        accuracy = sft_eval.outputs["Output"]
-        step = 0
-        for it in range(I):
-            reference = policy if cfg.grpo.reference == "iteration" else sft_policy
-            for m in range(M):
-                rollouts = rollout_round(ops, cfg, shared, step, f"{it}.{m}", train, policy, rm, shards)
-                update = place(ops.grpo_update(**shared, step=step, rollouts=rollouts, policy=policy,
-                                               reference=reference), cfg, update_stage, f"grpo-update-i{it}-m{m}")
-                if cfg.grpo.nodes > 1:
-                    launcher_placement(update, cfg)
-                policy, step = update.outputs["new_policy"], step + 1
-            replay = place(ops.rm_replay(**shared, iteration=it, rollouts=rollouts, reward_model=rm,
-                                         history=history), cfg, "rm_replay", f"rm-replay-i{it}")
-            replay.after(update)  # Algorithm 1: r_φ is retrained after the iteration's last policy update
-            rm, history = replay.outputs["new_reward_model"], replay.outputs["buffer"]
-            ev = place(ops.evaluate(**shared, step=it + 1, test=test, policy=policy), cfg, "evaluate",
-                       f"evaluate-i{it}")
-            accuracy = ev.outputs["Output"]
-        promote = place(ops.promote(**shared, accuracy=accuracy, sft_accuracy=sft_eval.outputs["Output"],
-                                    policy=policy, reward_model=rm, buffer=history, test=test),
-                        cfg, "promote", "promote")
-        return promote.outputs["Output"]
+        init = {"sft": {"init_policy_uri": init_policy_uri}, "reward_model": {"init_reward_uri": init_reward_uri}}
+        made: dict[str, dsl.PipelineTask] = {}
+
+        def arg(value: Ref | tuple[Ref, ...]):
+            if isinstance(value, tuple):  # every round so far, accumulated by the last one
+                return made[value[-1].task].outputs["iteration_rollouts"]
+            return made[value.task].outputs[value.output]
+
+        for t in tasks:
+            kwargs = {**shared, **init.get(t.stage, {}), **t.params, **{k: arg(v) for k, v in t.inputs.items()}}
+            if t.name in earlier:
+                kwargs["earlier_rollouts"] = made[earlier[t.name]].outputs["iteration_rollouts"]
+            if t.stage == "rollout" and cfg.rollout.shards > 1:
+                task = sharded_rollout(ops, cfg, t.name, kwargs)
+            else:
+                task = place(getattr(ops, t.stage)(name=t.name, **kwargs), cfg, _placement(cfg, t.stage), t.name)
+            if t.stage == "grpo_update" and cfg.grpo.nodes > 1:
+                launcher_placement(task, cfg)
+            for name in t.after:
+                task.after(made[name])
+            made[t.name] = task
+        return made[tasks[-1].name].outputs["Output"]
 
     return grpo_pipeline
 
 
-def rollout_round(ops, cfg: Config, common: dict, step: int, version: str, prompts, policy, rm, shards: int):
-    """One round's rollouts: a single task, or `shards` parallel tasks gathered into one dataset."""
-    it_m = version.replace(".", "-m")
-    if shards == 1:
-        task = ops.rollout(**common, step=step, policy_version=version, shard=0, prompts=prompts, policy=policy,
-                           reward_model=rm)
-        return place(task, cfg, "rollout", f"rollout-i{it_m}").outputs["rollouts"]
-    with dsl.ParallelFor(list(range(shards)), name=f"rollout-shards-i{it_m}") as shard:
-        task = ops.rollout(**common, step=step, policy_version=version, shard=shard, prompts=prompts, policy=policy,
-                           reward_model=rm)
-        place(task, cfg, "rollout", f"rollout-i{it_m}-shard")
-    gathered = ops.gather_rollouts(**common, step=step, shards=dsl.Collected(task.outputs["rollouts"]))
+def _placement(cfg: Config, stage: str) -> str:
+    """The stage whose placement a task takes: with grpo.nodes > 1 the update task only submits a
+    Trainer job and waits (a light CPU pod, placed like prepare_data, not on a GPU node)."""
+    return "prepare_data" if stage == "grpo_update" and cfg.grpo.nodes > 1 else stage
+
+
+def sharded_rollout(ops, cfg: Config, name: str, kwargs: dict) -> dsl.PipelineTask:
+    """One round's rollouts as `rollout.shards` parallel tasks, gathered into one dataset."""
+    earlier = kwargs.pop("earlier_rollouts", None)
+    with dsl.ParallelFor(list(range(cfg.rollout.shards)), name=name.replace("rollout-", "rollout-shards-")) as shard:
+        task = place(ops.rollout(name=f"{name}-shard", shard=shard, **kwargs), cfg, "rollout", f"{name}-shard")
+    gathered = ops.gather_rollouts(config=kwargs["config"], parent_run_id=kwargs["parent_run_id"],
+                                   tracking_uri=kwargs["tracking_uri"], step=kwargs["step"],
+                                   shards=dsl.Collected(task.outputs["rollouts"]),
+                                   **({"earlier_rollouts": earlier} if earlier is not None else {}))
     # a Parquet concat: placed like the other light CPU tasks, not on a GPU node like the shards
-    return place(gathered, cfg, "prepare_data", f"gather-rollouts-i{it_m}").outputs["rollouts"]
+    return place(gathered, cfg, "prepare_data", name.replace("rollout-", "gather-rollouts-"))
 
 
 def compile_pipeline(cfg: Config, path: str) -> str:

@@ -1,15 +1,16 @@
-"""What a pipeline task runs inside its container (or local subprocess).
+"""What a pipeline task runs inside its container (or local subprocess), and the in-process runner too.
 
-`run_task` is the only bridge between KFP and the stages: it parses the config, opens a
-nested MLflow run under the pipeline's parent run, calls `components.<stage>.run` with
-artifact paths, and copies the returned metrics into the KFP Metrics artifact and the
-parent run. No training logic lives here.
+`run_task` wraps one stage's `run`: it parses the config, opens a nested MLflow run (named
+after the task) under the pipeline's parent run, calls the stage with artifact paths, and
+copies the returned metrics into the KFP Metrics artifact and the parent run. The other
+functions are the tasks with more to do than that: starting from a registered model
+(`sft_task`, `reward_model_task`), opening and closing the parent run (`start_parent_run`,
+`promote_task`), and collecting rollouts (`gather`, `accumulate`). No training logic lives here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
 import time
@@ -36,28 +37,31 @@ def setup(config_json: str) -> Config:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: Config, parent_run_id: str, tracking_uri: str) -> Iterator[str | None]:
-    """A nested MLflow run for one task (nothing when the pipeline runs untracked)."""
+def stage_run(name: str, stage: str, cfg: Config, parent_run_id: str, tracking_uri: str) -> Iterator[str | None]:
+    """A nested MLflow run named `name` for one task (nothing when the pipeline runs untracked)."""
     if not parent_run_id:
         yield None
         return
     c = tracking.client(tracking_uri or cfg.tracking.tracking_uri)
     parent = c.get_run(parent_run_id)
-    with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=stage, nested=True,
-                          parent_run_id=parent_run_id, tags={"kfp_grpo.stage": stage}) as run:
+    with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name, nested=True,
+                          parent_run_id=parent_run_id, tags={"kfp_grpo.stage": stage, "kfp_grpo.task": name}) as run:
         yield run.info.run_id
 
 
-def run_task(stage: str, config_json: str, parent_run_id: str = "", tracking_uri: str = "",
-             metrics_artifact: Any = None, run_fn: Callable[..., dict] | None = None, **kwargs: Any) -> dict:
-    """Run `components.<stage>.run(cfg, **kwargs)` (or `run_fn`) as a tracked pipeline task."""
+def run_task(run_fn: Callable[..., dict], name: str, config_json: str, parent_run_id: str = "",
+             tracking_uri: str = "", metrics_artifact: Any = None, stage: str | None = None, **kwargs: Any) -> dict:
+    """Run a stage's `run_fn(cfg, **kwargs)` as the tracked pipeline task `name`; return its metrics.
+
+    `stage` defaults to the name of `run_fn`'s module (`components.sft.run` → "sft").
+    """
+    stage = stage or run_fn.__module__.rsplit(".", 1)[-1]
     cfg = setup(config_json)
     seed_everything(cfg.seed)
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    run_fn = run_fn or importlib.import_module(f"components.{stage}").run
     start = time.perf_counter()
-    with stage_run(stage, cfg, parent_run_id, tracking_uri) as run_id:
+    with stage_run(name, stage, cfg, parent_run_id, tracking_uri) as run_id:
         if run_id:
             tracking.log_params({k: v for k, v in kwargs.items() if k in STEP_PARAMS})
         result = run_fn(cfg, **kwargs)
@@ -136,28 +140,32 @@ def resolve_model(uri: str, dst: str, tracking_uri: str, cfg_tracking_uri: str |
     return True
 
 
-def sft_or_resume(config_json: str, parent_run_id: str, tracking_uri: str, init_policy_uri: str, train_path: str,
-                  out_dir: str, metrics_artifact: Any) -> None:
-    """Start from `init_policy_uri` when it resolves, else run SFT."""
+def sft_task(name: str, config_json: str, parent_run_id: str, tracking_uri: str, metrics_artifact: Any,
+             init_policy_uri: str, train: str, model: str) -> dict:
+    """The sft task: start from the registered model `init_policy_uri` when it resolves, else run SFT."""
+    from components import sft
+
     cfg = setup(config_json)
-    if init_policy_uri and resolve_model(init_policy_uri, out_dir, tracking_uri, cfg.tracking.tracking_uri):
+    if init_policy_uri and resolve_model(init_policy_uri, model, tracking_uri, cfg.tracking.tracking_uri):
         write_metrics_file(metrics_artifact)
-        return
-    run_task("sft", config_json, parent_run_id, tracking_uri, metrics_artifact, train_path=train_path,
-             out_dir=out_dir)
+        return {}
+    return run_task(sft.run, name, config_json, parent_run_id, tracking_uri, metrics_artifact, train=train,
+                    model=model)
 
 
-def reward_model_or_resume(config_json: str, parent_run_id: str, tracking_uri: str, init_reward_uri: str,
-                           train_path: str, policy_dir: str, out_dir: str, data_out: str,
-                           metrics_artifact: Any) -> None:
-    """Start from `init_reward_uri` (and its replay buffer) when it resolves, else train r_φ."""
+def reward_model_task(name: str, config_json: str, parent_run_id: str, tracking_uri: str, metrics_artifact: Any,
+                      init_reward_uri: str, train: str, policy: str, reward_model: str, rm_data: str) -> dict:
+    """The reward-model task: start from `init_reward_uri` (and its replay history) when it resolves,
+    else train r_φ."""
+    from components import reward_model as stage
+
     cfg = setup(config_json)
-    if init_reward_uri and resolve_model(init_reward_uri, out_dir, tracking_uri, cfg.tracking.tracking_uri):
-        carry_buffer(cfg, init_reward_uri, train_path, out_dir, data_out)
+    if init_reward_uri and resolve_model(init_reward_uri, reward_model, tracking_uri, cfg.tracking.tracking_uri):
+        carry_buffer(cfg, init_reward_uri, train, reward_model, rm_data)
         write_metrics_file(metrics_artifact)
-        return
-    run_task("reward_model", config_json, parent_run_id, tracking_uri, metrics_artifact, train_path=train_path,
-             policy_dir=policy_dir, out_dir=out_dir, data_out=data_out)
+        return {}
+    return run_task(stage.run, name, config_json, parent_run_id, tracking_uri, metrics_artifact, train=train,
+                    policy=policy, reward_model=reward_model, rm_data=rm_data)
 
 
 def start_parent_run(config_json: str, tracking_uri: str, init_policy_uri: str = "", resume_run_id: str = "") -> str:
@@ -223,7 +231,7 @@ def reopen_parent_run(c: "mlflow.MlflowClient", cfg: Config, run_id: str, reopen
 
 
 def carry_buffer(cfg: Config, uri: str, train_path: str, rm_dir: str, data_out: str) -> None:
-    """The replay buffer stored with a registered RM becomes this run's RM history.
+    """The replay history stored with a registered RM becomes this run's history.
 
     A version registered without a buffer gets fresh synthetic RM data instead.
     """
@@ -266,24 +274,37 @@ def gather(config_json: str, parent_run_id: str, tracking_uri: str, step: int, p
             c.log_metric(parent_run_id, k, v, step=step)
 
 
-def promote_task(config_json: str, parent_run_id: str, tracking_uri: str, accuracy: float, sft_accuracy: float,
-                 policy_dir: str, rm_dir: str, buffer_path: str, test_path: str, metrics_artifact: Any) -> str:
-    """Promotion gate + run-level plot; closes the parent run. Returns the decision as JSON."""
-    import json
+def accumulate(earlier: str | None, this_round: str, out_path: str) -> None:
+    """The iteration's rollouts so far: the rounds in `earlier` (if any) followed by `this_round`.
 
-    result = run_task("promote", config_json, parent_run_id, tracking_uri, metrics_artifact,
-                      policy_dir=policy_dir, rm_dir=rm_dir, test_path=test_path, run_id=parent_run_id,
-                      buffer_path=buffer_path, challenger_accuracy=accuracy,
-                      tags={"pipeline_run": parent_run_id, "sft_accuracy": f"{sft_accuracy:.4f}",
+    KFP has no fan-in of artifacts from different tasks (only `dsl.Collected` of one loop),
+    so the pipeline hands each round's rollouts on to the next round's task, and the
+    iteration's last one to `rm-replay`, which learns from every round.
+    """
+    from components.grpo_update import load_rollouts
+    from components.io import write_parquet
+
+    write_parquet(load_rollouts(([earlier] if earlier else []) + [this_round], columns=()), out_path)
+
+
+def promote_task(name: str, config_json: str, parent_run_id: str, tracking_uri: str, metrics_artifact: Any,
+                 policy: str, reward_model: str, buffer: str, test: str, challenger_accuracy: float,
+                 start_accuracy: float) -> dict:
+    """Promotion gate + run-level plot; closes the parent run. Returns the decision."""
+    from components import promote
+
+    result = run_task(promote.run, name, config_json, parent_run_id, tracking_uri, metrics_artifact,
+                      policy=policy, reward_model=reward_model, test=test, run_id=parent_run_id, buffer=buffer,
+                      challenger_accuracy=challenger_accuracy, start_accuracy=start_accuracy,
+                      tags={"pipeline_run": parent_run_id, "start_accuracy": f"{start_accuracy:.4f}",
                             "data": data_description(setup(config_json))})
-    result["sft_accuracy"] = sft_accuracy
     if parent_run_id:
         c = mlflow.MlflowClient()
-        c.log_metric(parent_run_id, "final/sft_accuracy", sft_accuracy)
-        c.log_metric(parent_run_id, "final/accuracy", accuracy)
+        c.log_metric(parent_run_id, "final/start_accuracy", start_accuracy)
+        c.log_metric(parent_run_id, "final/accuracy", challenger_accuracy)
         log_curves(c, parent_run_id)
         c.set_terminated(parent_run_id, "FINISHED")
-    return json.dumps(result)
+    return result
 
 
 def data_description(cfg: Config) -> str:

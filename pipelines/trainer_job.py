@@ -189,9 +189,13 @@ def _copy(src: str, dst: Path) -> None:
     shutil.copytree(src, dst) if Path(src).is_dir() else shutil.copy(src, dst)
 
 
-def run_multinode(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out_dir: str,
+def run_multinode(cfg: Config, rollouts: str | list[str], policy: str, reference: str | None, new_policy: str,
                   step: int = 0, mlflow_run_id: str | None = None, api=None, **wait_kw) -> dict:
-    """Stage the inputs on the shared volume, run the TrainJob, bring the new policy back; return its metrics."""
+    """Stage the inputs on the shared volume, run the TrainJob, bring the new policy back; return its metrics.
+
+    The arguments are those of `components.grpo_update.run`.
+    """
+    from components.grpo_update import as_paths
     from components.distributed import METRICS_ENV, RUN_ID_ENV, torchrun_command
     from components.io import atomic_path
 
@@ -204,13 +208,13 @@ def run_multinode(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_di
                                 f"(PVC {tj.shared_pvc})")
     (work / "rollouts").mkdir(parents=True)
     shared_rollouts = []
-    for i, p in enumerate(rollout_paths):
+    for i, p in enumerate(as_paths(rollouts)):
         shared_rollouts.append(str(work / "rollouts" / f"{i}.parquet"))
         _copy(p, Path(shared_rollouts[-1]))
-    _copy(policy_dir, work / "policy")
+    _copy(policy, work / "policy")
     shared_ref = None
-    if ref_dir and ref_dir != policy_dir and g.beta > 0:
-        _copy(ref_dir, work / "reference")
+    if reference and reference != policy and g.beta > 0:
+        _copy(reference, work / "reference")
         shared_ref = str(work / "reference")
     env = {METRICS_ENV: str(work / "metrics.json")}
     if mlflow_run_id:  # rank 0 logs the per-step metrics into the task's MLflow run
@@ -227,25 +231,14 @@ def run_multinode(cfg: Config, rollout_paths: list[str], policy_dir: str, ref_di
     if not (work / "metrics.json").exists() or not (work / "out").is_dir():
         raise TrainJobFailed(f"TrainJob {name} completed but left no policy/metrics in {work}")
     metrics = json.loads((work / "metrics.json").read_text())
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(new_policy) as tmp:
         shutil.copytree(work / "out", tmp, dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     return metrics
 
 
-def grpo_update_task(config_json: str, parent_run_id: str, tracking_uri: str, metrics_artifact: Any,
-                     rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out_dir: str, step: int) -> dict:
-    """The pipeline's grpo_update task: in this pod (`grpo.nodes == 1`), or as a TrainJob across nodes."""
-    from pipelines.runtime import run_task, setup
-
-    multinode = setup(config_json).grpo.nodes > 1
-    return run_task("grpo_update", config_json, parent_run_id, tracking_uri, metrics_artifact,
-                    run_fn=_run_multinode_tracked if multinode else None, rollout_paths=rollout_paths,
-                    policy_dir=policy_dir, ref_dir=ref_dir, out_dir=out_dir, step=step)
-
-
-def _run_multinode_tracked(cfg: Config, **kwargs: Any) -> dict:
-    """run_multinode inside the task's MLflow run (rank 0 of the job logs into it)."""
+def run_multinode_tracked(cfg: Config, **kwargs: Any) -> dict:
+    """`run_multinode` inside the task's MLflow run (rank 0 of the job logs into it)."""
     import mlflow
 
     active = mlflow.active_run()

@@ -138,7 +138,10 @@ def test_unrolled_loop_wiring(loop22):
     assert "grpo-update-i0-m1" in c.deps("rm-replay-i0")
     assert c.artifact("rm-replay-i0", "reward_model") == ("reward-model", "reward_model")
     assert c.artifact("rm-replay-i0", "history") == ("reward-model", "rm_data")
-    assert c.artifact("rm-replay-i0", "rollouts") == ("rollout-i0-m1", "rollouts")
+    # ... on every round of the iteration: KFP has no fan-in, so each round hands the rounds so far on
+    assert "earlier_rollouts" not in c.task("rollout-i0-m0")["inputs"].get("artifacts", {})
+    assert c.artifact("rollout-i0-m1", "earlier_rollouts") == ("rollout-i0-m0", "iteration_rollouts")
+    assert c.artifact("rm-replay-i0", "rollouts") == ("rollout-i0-m1", "iteration_rollouts")
     assert c.artifact("evaluate-i0", "policy") == ("grpo-update-i0-m1", "new_policy")
     # iteration 1: rollouts use the replayed RM; π_ref ← π_θ at the start of the iteration
     assert c.artifact("rollout-i1-m0", "policy") == ("grpo-update-i0-m1", "new_policy")
@@ -157,15 +160,43 @@ def test_unrolled_loop_wiring(loop22):
     assert c.artifact("promote", "reward_model") == ("rm-replay-i1", "new_reward_model")
     assert c.artifact("promote", "buffer") == ("rm-replay-i1", "buffer")
     assert c.artifact("promote", "test") == ("prepare-data", "test")
-    acc = c.parameter("promote", "accuracy")["taskOutputParameter"]
-    assert (c.display[acc["producerTask"]], acc["outputParameterKey"]) == ("evaluate-i1", "Output")
-    sft_acc = c.parameter("promote", "sft_accuracy")["taskOutputParameter"]
-    assert c.display[sft_acc["producerTask"]] == "evaluate-sft"
+    acc = c.parameter("promote", "challenger_accuracy")["taskOutputParameter"]
+    assert (c.display[acc["producerTask"]], acc["outputParameterKey"]) == ("evaluate-i1", "accuracy")
+    start_acc = c.parameter("promote", "start_accuracy")["taskOutputParameter"]
+    assert (c.display[start_acc["producerTask"]], start_acc["outputParameterKey"]) == ("evaluate-sft", "accuracy")
     # every task below the first logs into the parent MLflow run that start-tracking opens
     for name in c.root:
         if name != "start-tracking":
             src = c.parameter(name, "parent_run_id")["taskOutputParameter"]
             assert c.display[src["producerTask"]] == "start-tracking", name
+
+
+def test_promote_closes_the_run_after_every_other_task(loop22, tmp_path):
+    """The final task (promotion, closing the parent MLflow run) waits for every other task, so every
+    evaluation lands in the parent run and its curves before the run is closed."""
+    for c in (loop22, compile_to(load_config(GPU_CONFIG, {"rollout": {"shards": 2}}), tmp_path / "shards.yaml")):
+        assert c.ancestors("promote") == set(c.root) - {"promote"}
+        for i in range(2):
+            assert f"evaluate-i{i}" in c.deps("promote")
+
+
+def test_the_pipeline_runs_the_plan(loop22):
+    """The compiled DAG is the plan (`pipelines.plan.algorithm1`) that the in-process runner walks:
+    the same task names, and every artifact a task reads comes from the task the plan names."""
+    from pipelines.plan import algorithm1
+
+    tasks = algorithm1(fast_config(loop={"iterations": 2, "steps_per_iteration": 2}))
+    assert {t.name for t in tasks} | {"start-tracking"} == set(loop22.root)
+    for t in tasks:
+        for name, ref in t.inputs.items():
+            if isinstance(ref, tuple):  # every round of the iteration, accumulated by its last round
+                assert loop22.artifact(t.name, name) == (ref[-1].task, "iteration_rollouts")
+            elif ref.output == "accuracy":
+                src = loop22.parameter(t.name, name)["taskOutputParameter"]
+                assert (loop22.display[src["producerTask"]], src["outputParameterKey"]) == (ref.task, ref.output)
+            else:
+                assert loop22.artifact(t.name, name) == (ref.task, ref.output), (t.name, name)
+        assert set(t.after) <= loop22.ancestors(t.name)
 
 
 def test_rounds_are_strictly_sequential(loop22):
@@ -358,6 +389,7 @@ def test_rollout_shards_compile_to_parallel_for_and_gather(tmp_path):
         loop = f"rollout-shards-i0-m{m}"
         inputs = {c.artifact(loop, k) for k in c.task(loop)["inputs"]["artifacts"]}
         assert inputs == {policy, ("prepare-data", "train"), ("reward-model", "reward_model")}
-    assert c.artifact("rm-replay-i0", "rollouts") == ("gather-rollouts-i0-m1", "rollouts")
+    assert c.artifact("rm-replay-i0", "rollouts") == ("gather-rollouts-i0-m1", "iteration_rollouts")
+    assert c.artifact("gather-rollouts-i0-m1", "earlier_rollouts") == ("gather-rollouts-i0-m0", "iteration_rollouts")
     assert "grpo-update-i0-m1" in c.deps("rm-replay-i0")
     assert c.artifact("promote", "policy") == ("grpo-update-i0-m1", "new_policy")

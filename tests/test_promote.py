@@ -9,7 +9,6 @@ greedy evaluations of the tiny model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,18 +21,6 @@ from components.promote import BUFFER_FILE, gate
 from tests.conftest import fast_config
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uri(monkeypatch):
-    """`tracking.client` sets the process-wide tracking URI (and $MLFLOW_TRACKING_URI): undo it."""
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
-    if "MLFLOW_TRACKING_URI" in os.environ:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
-    else:
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +100,17 @@ def run_tags(cfg, run_id: str) -> dict[str, str]:
     return tracking.client(cfg.tracking.tracking_uri).get_run(run_id).data.tags
 
 
-def do_promote(cfg, policy, test, rm=None, buffer=None, accuracy=None):
+def do_promote(cfg, policy, test, rm=None, buffer=None, accuracy=None, start=None):
     run_id = new_run(cfg)
     decision = promote.run(cfg, str(policy), str(rm) if rm else None, str(test), run_id,
-                           str(buffer) if buffer else None, challenger_accuracy=accuracy)
+                           str(buffer) if buffer else None, challenger_accuracy=accuracy, start_accuracy=start)
     return run_id, decision
 
 
 # --------------------------------------------------------------------------- gate
 @pytest.mark.parametrize("challenger, champion, margin, promoted", [
-    (0.0, None, 0.0, True),     # the first version always becomes champion
-    (0.0, None, 0.5, True),     # ... whatever the margin
+    (0.0, None, 0.0, True),     # no starting point given (a model registered by hand): the first version
+    (0.0, None, 0.5, True),     # ... becomes champion whatever the margin
     (0.30, 0.20, 0.0, True),    # better
     (0.20, 0.30, 0.0, False),   # worse
     (0.25, 0.25, 0.0, False),   # a tie does not beat the champion
@@ -139,6 +126,38 @@ def test_gate(challenger, champion, margin, promoted):
         assert "no champion" in reason
     else:
         assert f"{champion:.4f}" in reason and str(margin) in reason
+
+
+@pytest.mark.parametrize("challenger, champion, start, margin, promoted", [
+    (0.30, None, 0.25, 0.0, True),    # the first version beats the model the run started from
+    (0.25, None, 0.25, 0.0, False),   # a first version that only ties its start is not promoted
+    (0.20, None, 0.25, 0.0, False),   # ... nor one that is worse than its start
+    (0.30, None, 0.25, 0.1, False),   # better than its start, but not by the margin
+    (0.40, 0.30, 0.45, 0.0, False),   # beats the champion but not the start (a --from-champion run)
+    (0.50, 0.30, 0.45, 0.0, True),    # beats both
+])
+def test_gate_guards_the_starting_point(challenger, champion, start, margin, promoted):
+    ok, reason = gate(challenger, champion, margin, start)
+    assert ok is promoted
+    assert f"{challenger:.4f}" in reason and f"{start:.4f}" in reason
+    if not ok and challenger <= start + margin:
+        assert "did not improve" in reason
+
+
+def test_first_version_that_does_not_beat_its_start_is_not_champion(pcfg, trained_policy, trained_test_set,
+                                                                     reward_dir):
+    run_id, d = do_promote(pcfg, trained_policy, trained_test_set, reward_dir, start=0.99)  # evaluates itself
+    assert d["promoted"] is False and d["start_accuracy"] == 0.99
+    assert aliases(pcfg, "t-policy") == {"challenger": "1"}  # registered, but no champion
+    assert aliases(pcfg, "t-reward") == {"challenger": "1"}
+    tags = version_tags(pcfg, "t-policy", "1")
+    assert tags["promotion_decision"] == "rejected" and "did not improve" in tags["promotion_reason"]
+    assert run_tags(pcfg, run_id)["promotion_decision"] == "rejected"
+    c = tracking.client(pcfg.tracking.tracking_uri)
+    assert c.get_run(run_id).data.metrics["promote/start_accuracy"] == 0.99
+    # the same model from a worse start becomes the first champion
+    _, d = do_promote(pcfg, trained_policy, trained_test_set, reward_dir, start=0.0)
+    assert d["promoted"] is True and aliases(pcfg, "t-policy") == {"challenger": "2", "champion": "2"}
 
 
 # --------------------------------------------------------------------------- promote.run

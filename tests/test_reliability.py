@@ -55,18 +55,6 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uri(monkeypatch):
-    """`tracking.client` sets the process-wide tracking URI and probes it once: undo both."""
-    from mlflow.tracking._tracking_service import utils
-
-    from components import tracking
-
-    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
-    monkeypatch.setattr(tracking, "_REACHABLE", set())
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
 # =========================================================================== SIGKILL during saves
 FORK_SERVER = r"""
 import os, signal, sys, time
@@ -372,8 +360,9 @@ FAST_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BAC
 
 STAGE_TASK = r"""
 import json, sys
+from components import sft
 from pipelines.runtime import run_task
-run_task("sft", sys.argv[1], sys.argv[2], sys.argv[3], None, train_path=sys.argv[4], out_dir=sys.argv[5])
+run_task(sft.run, "sft", sys.argv[1], sys.argv[2], sys.argv[3], None, train=sys.argv[4], model=sys.argv[5])
 """
 
 
@@ -657,7 +646,7 @@ def test_killed_pipeline_resumes_from_the_last_complete_task_with_identical_resu
     assert f"resuming MLflow parent run {parent}" in log
 
     a, b = _summary(a_text), _summary(resumed.stdout)
-    for key in ("challenger_accuracy", "sft_accuracy", "promoted", "policy_version"):
+    for key in ("challenger_accuracy", "start_accuracy", "promoted", "policy_version"):
         assert a[key] == b[key], key
     assert _champion_sha(a_dir) == _champion_sha(b_dir), "resumed weights differ from the uninterrupted run's"
     c = mlflow.MlflowClient(f"sqlite:///{b_dir / 'mlflow.db'}")

@@ -32,6 +32,7 @@ import types
 from dataclasses import fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -774,14 +775,17 @@ def test_multinode_update_through_a_trainjob(kube, work, rollouts, round1, untra
     assert list(shared.iterdir()) == []  # the job's working directory is cleaned up
 
 
-def test_grpo_update_task_single_node_runs_the_stage_in_process(work, rollouts, untrained_policy, monkeypatch):
+def test_grpo_update_component_single_node_runs_the_stage_in_process(work, rollouts, untrained_policy, monkeypatch):
     calls = []
     import pipelines.runtime as runtime
+    from components import grpo_update as stage
+    from pipelines import components as kfp_components
 
     monkeypatch.setattr(runtime, "run_task", lambda *a, **kw: calls.append((a, kw)) or {"update/loss": 0.0})
-    trainer_job.grpo_update_task(fast_config().to_json(), "", "", None, [str(rollouts[1.0])], str(untrained_policy),
-                                 None, str(work / "unused"), 0)
-    assert calls and calls[0][0][0] == "grpo_update" and calls[0][1]["rollout_paths"] == [str(rollouts[1.0])]
+    artifact = lambda p: SimpleNamespace(path=str(p))  # noqa: E731 — what KFP hands the component body
+    kfp_components.grpo_update(fast_config().to_json(), "", "", "grpo-update-i0-m0", 0, artifact(rollouts[1.0]),
+                               artifact(untrained_policy), artifact(untrained_policy), artifact(work / "unused"), None)
+    assert calls and calls[0][0][0] is stage.run and calls[0][1]["rollouts"] == str(rollouts[1.0])
 
 
 # =========================================================================== the GPU throughput benchmark
@@ -817,7 +821,6 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys, mo
     the whole round."""
     from pipelines import cli
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run's embedded store, whatever ran before
     work = tmp_path / "run"
     sets = ["sft.steps=20", "reward_model.steps=5", "replay.steps=5", "loop.iterations=1",
             "loop.steps_per_iteration=1", "data.num_train=200", "data.num_test=40", "rollout.prompts_per_step=8",
