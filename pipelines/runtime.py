@@ -332,7 +332,8 @@ def log_curves(c: "mlflow.MlflowClient", run_id: str) -> None:
                 ax.plot([m.step for m in hist], [m.value for m in hist], marker="o", label=key)
         ax.set_title(title)
         ax.set_xlabel("step" if "rollout" in title else "iteration")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     c.log_figure(run_id, fig, "curves.png")
