@@ -236,7 +236,7 @@ def carry_buffer(cfg: Config, uri: str, train_path: str, rm_dir: str, data_out: 
     from pathlib import Path
 
     from components.io import read_parquet, write_parquet
-    from components.promote import BUFFER_FILE
+    from components.tracking import BUFFER_FILE
     from components.reward_model import synthetic_rm_data
 
     buffer = Path(rm_dir) / BUFFER_FILE
