@@ -373,3 +373,28 @@ def test_mlflow_models_serve_answers_a_prompt(pcfg, trained_policy, trained_test
         log.close()
     choices = reply[0]["choices"] if isinstance(reply, list) else reply["choices"]
     assert choices[0]["message"]["content"].startswith("<answer>"), reply
+
+
+def test_a_run_from_the_champion_starts_from_its_weights_and_replay_history(pcfg, trained_policy, trained_test_set,
+                                                                            reward_dir, buffer_file, tmp_path):
+    """What `--from-champion` and `schedule` do: the sft and reward-model tasks resolve
+    `models:/<prefix>-policy@champion` / `-reward@champion` instead of training."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.client import champion_uris
+    from pipelines.runtime import reward_model_task, sft_task
+
+    config = pcfg.to_json()
+    uris = champion_uris(pcfg)
+    assert sft_task("sft", config, "", "", None, uris["init_policy_uri"], train=str(trained_test_set),
+                    model=str(tmp_path / "none")) is not None  # no champion yet: SFT trains from scratch
+    do_promote(pcfg, trained_policy, trained_test_set, reward_dir, buffer_file, accuracy=0.5)
+    assert sft_task("sft", config, "", "", None, uris["init_policy_uri"], train=str(trained_test_set),
+                    model=str(tmp_path / "policy")) == {}
+    start, original = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (tmp_path / "policy",
+                                                                                      trained_policy))
+    assert all(torch.equal(start[k], original[k]) for k in original)
+    assert reward_model_task("reward-model", config, "", "", None, uris["init_reward_uri"], str(trained_test_set),
+                             str(tmp_path / "policy"), str(tmp_path / "rm"), str(tmp_path / "history")) == {}
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "history"), pd.read_parquet(buffer_file))
