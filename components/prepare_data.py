@@ -1,4 +1,4 @@
-"""Stage 1 — prepare_data: the train and test prompt tables.
+"""Stage: the train and test prompt tables.
 
 Reads the data config (built-in arithmetic task, JSONL/Parquet file or HF data set),
 validates and normalises it (:mod:`components.tasks`) and writes two Parquet files

@@ -236,8 +236,8 @@ def promotion_lock(c, name: str, owner: str, ttl_s: float | None = None, wait_s:
             c.delete_registered_model(lock)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser("promote", "Register a policy (and reward model) and run the promotion gate.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = parser("promote", "Register a policy (and reward model) and run the promotion gate.", prog)
     p.add_argument("--policy", required=True, help="policy directory to register")
     p.add_argument("--reward-model", help="reward model directory registered beside it")
     p.add_argument("--buffer", help="replay buffer Parquet stored with the reward model")

@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reward-model", help="reward model directory (omit to use rule-based rewards only)")
     p.add_argument("--out", required=True, help="output Parquet of rollouts")
     p.add_argument("--step", type=int, default=0, help="round index (seeds the prompt batch)")
-    p.add_argument("--policy-version", default="0")
-    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--policy-version", default="0", help="the policy version recorded on every row, e.g. 1.2")
+    p.add_argument("--shard", type=int, default=0, help="this shard of the round's prompts (of rollout.shards)")
     return main_wrapper(lambda a: run(config_from_args(a), a.prompts, a.policy, a.reward_model, a.out,
                                       a.step, a.policy_version, a.shard), p, argv)
 

@@ -27,7 +27,7 @@ def local_run(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = cli.main(["run", "--workdir", str(workdir), "--json"])
+        code = cli.main(["run", "--workdir", str(workdir), "--output", "json"])
     text = buf.getvalue()
     assert code == 0, text[-3000:]
     summary = json.loads(text[text.rindex("\n{") + 1:] if "\n{" in text else text[text.index("{"):])

@@ -562,7 +562,7 @@ def test_failed_run_names_the_resume_command_and_resume_checks_the_run(tmp_path,
 # =========================================================================== kill -9 + resume
 def _cli(config: Path, workdir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipelines.cli", "run", "--config", str(config), "--workdir", str(workdir),
-            "--json", *extra]
+            "--output", "json", *extra]
 
 
 def _frozen_config(path: Path) -> Path:
