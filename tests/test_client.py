@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from components.config import load_config
+from components.config import load_config, run_time_parameters
 from pipelines import cli
 from pipelines.client import schedule, submit
 from pipelines.pipeline import compile_pipeline
@@ -50,7 +50,7 @@ KFP_VARS = ("KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT", "KF_PIPELINES_D
             "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME", "KF_PIPELINES_SA_TOKEN_PATH",
             "KF_PIPELINES_IAP_OAUTH2_CLIENT_ID", "KF_PIPELINES_APP_OAUTH2_CLIENT_ID",
             "KF_PIPELINES_APP_OAUTH2_CLIENT_SECRET")
-PARAMS = {"tracking_uri", "init_policy_uri", "init_reward_uri"}
+PARAMS = {"tracking_uri", "init_policy_uri", "init_reward_uri"}  # + the run-time settings (pipeline.py)
 CHAMPION = {"init_policy_uri": "models:/kfp-grpo-policy@champion",
             "init_reward_uri": "models:/kfp-grpo-reward@champion"}
 SCRATCH = {"init_policy_uri": "", "init_reward_uri": ""}
@@ -347,7 +347,7 @@ def compiled(tiny_cfg, tmp_path_factory) -> list[dict]:
 
 def assert_is_our_pipeline(spec: dict) -> None:
     assert spec["pipelineInfo"]["name"] == "kfp-grpo-tiny"
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == PARAMS
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == PARAMS | set(run_time_parameters(load_config()))
     tasks = spec["root"]["dag"]["tasks"]
     names = {t["taskInfo"]["name"] for t in tasks.values()}
     # the plan of tiny.yaml, unrolled at compile time, plus start-tracking

@@ -98,3 +98,23 @@ def test_local_run_artifacts_are_standard_hf_dirs(local_run, tmp_path):
 
     assert "optimizer.pt" not in os.listdir(policy)
     assert "replay_buffer.parquet" in os.listdir(rm)
+
+
+def test_a_bad_run_time_setting_fails_the_first_task(tmp_path, capsys):
+    """A run created with a bad value for a run-time parameter (as from the KFP "Create run" form) fails in
+    start-tracking, in the run's first seconds, naming the key — before any data, model or MLflow run."""
+    from kfp import local
+
+    from pipelines.local import prepare_tracking
+    from pipelines.pipeline import build_pipeline
+
+    cfg = load_config()
+    uri = prepare_tracking(cfg, tmp_path)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
+               raise_on_error=True)
+    with pytest.raises(RuntimeError, match="start-tracking"):
+        build_pipeline(cfg)(tracking_uri=uri, grpo_beta=-1.0)
+    assert "grpo.beta: Input should be greater than or equal to 0" in capsys.readouterr().out
+    c = mlflow.MlflowClient(uri)
+    assert c.search_runs([c.get_experiment_by_name(cfg.tracking.experiment).experiment_id]) == []
+    assert not list((tmp_path / "kfp").glob("*/prepare-data"))
