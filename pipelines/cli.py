@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     try:
-        summary = run_local(cfg, Path(args.workdir), _init_args(args, cfg), args.resume or "")
+        summary = run_local(cfg, Path(args.workdir), _init_args(args, cfg), args.resume or "", args.verbose)
     except PipelineFailed as err:
         if err.parent_run_id:  # the same command, resuming the run: completed tasks are not run again
             argv, skip = [], False
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(r)
     r.add_argument("--workdir", default="kfp-grpo-runs", help="local outputs + embedded MLflow store")
     _add_output(r)
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="stream every task's output to the terminal too (it always goes to <workdir>/logs/)")
     r.add_argument("--resume", metavar="MLFLOW_RUN_ID",
                    help="continue an interrupted run (same --workdir, config and --set): completed tasks are skipped")
     r.set_defaults(func=cmd_run)

@@ -7,6 +7,7 @@ subprocesses (SubprocessRunner), tracked in a real MLflow SQLite store.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -30,6 +31,7 @@ def local_run(tmp_path_factory):
         code = cli.main(["run", "--workdir", str(workdir), "--output", "json"])
     text = buf.getvalue()
     assert code == 0, text[-3000:]
+    (workdir / "stdout.txt").write_text(text)
     summary = json.loads(text[text.rindex("\n{") + 1:] if "\n{" in text else text[text.index("{"):])
     out.write_text(json.dumps(summary))
     return workdir, summary
@@ -50,6 +52,25 @@ def test_local_run_promotes_a_champion_better_than_sft(local_run):
     assert acc >= summary["start_accuracy"] + LEARNING_MARGIN, "GRPO must beat its SFT start on held-out problems"
     assert float(champ.tags["start_accuracy"]) == pytest.approx(summary["start_accuracy"], abs=1e-4)
     assert reward.tags["policy_version"] == str(champ.version)
+
+
+def test_local_run_prints_one_line_per_task_and_logs_each_task_to_its_file(local_run):
+    """The terminal gets ≤ 100 lines: a counter line per task with its time, metrics and the ETA, then the
+    summary; each task's stream (kfp.local's and the stage's) is in <workdir>/logs/<time>/<task>.log."""
+    workdir, summary = local_run
+    text = (workdir / "stdout.txt").read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 100, f"{len(lines)} lines"
+    names = [t.name for t in algorithm1(load_config())] + ["start-tracking"]
+    counted = [line for line in lines if line.startswith("[")]
+    assert len(counted) == len(names)
+    assert counted[-1].startswith(f"[{len(names)}/{len(names)}] promote")
+    assert all("ETA" in line for line in counted[:-1])
+    assert any("held-out accuracy" in line for line in counted if "evaluate-" in line)
+    assert "Executing task" not in text and "executor_input" not in text  # kfp.local's stream is in the files
+    logs = Path(summary["logs"])
+    assert sorted(p.stem for p in logs.glob("*.log") if p.stem != "run") == sorted(names)
+    assert "[sft] step 2000/2000" in (logs / "sft.log").read_text()
 
 
 def test_local_run_tracks_parent_and_nested_runs(local_run):
