@@ -148,7 +148,7 @@ def heldout_accuracy(model, tok, test, max_new_tokens: int) -> float:
     """Greedy pass@1 on the held-out prompts, the same code for both sides (as evaluate.run)."""
     from components.generation import HFBackend, Sampling
     from components.modeling import chat_prompt
-    from components.tasks import is_correct
+    from components.rewards import is_correct
 
     was_training = model.training
     backend = HFBackend(model, tok, batch_size=256)

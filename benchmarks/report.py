@@ -78,7 +78,7 @@ def markdown(res: dict[str, Any]) -> str:
               f"({_f(res['n_params'] / 1e6, 2)}M parameters) from the same SFT checkpoint "
               f"({spec['sft_steps']} steps, lr {spec['sft_lr']}, held-out accuracy {res['sft_accuracy']:.3f}); "
               f"2-operand addition; reward = {spec['correctness_weight']}·correct + {spec['format_weight']}·format "
-              f"(components.tasks); G = {spec['group_size']}, {spec['prompts_per_step']} prompts per step, "
+              f"(components.rewards); G = {spec['group_size']}, {spec['prompts_per_step']} prompts per step, "
               f"minibatch {spec['minibatch']} completions per optimizer step "
               f"({spec['group_size'] * spec['prompts_per_step'] // spec['minibatch']} per step), "
               f"max completion {spec['max_new_tokens']} tokens, temperature {spec['temperature']}, "

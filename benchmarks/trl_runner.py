@@ -24,8 +24,8 @@ from benchmarks.common import TRL_LOSS, Phases, Spec, cpu_seconds, heldout_accur
 
 
 def reward_functions(spec: Spec):
-    """Our verifier rewards (components.tasks) in TRL's reward-function signature."""
-    from components.tasks import correctness_reward, format_reward
+    """Our verifier rewards (components.rewards) in TRL's reward-function signature."""
+    from components.rewards import correctness_reward, format_reward
 
     def text(c) -> str:
         return c[0]["content"] if isinstance(c, list) else c

@@ -407,7 +407,7 @@ from components import evaluate, promote, tracking
 from components.config import parse_config
 
 def fake_eval(cfg, test_path, policy_dir, *a, **k):   # each fake policy carries its held-out accuracy
-    acc = float((Path(policy_dir) / "ACCURACY").read_text())
+    acc = float(json.loads((Path(policy_dir) / "config.json").read_text())["test_heldout_accuracy"])
     barrier = os.environ.get("RACE_BARRIER")
     if barrier and Path(policy_dir).resolve() != Path(sys.argv[2]).resolve() and not hasattr(fake_eval, "done"):
         fake_eval.done = True        # the champion was read and evaluated: wait for the other racer
@@ -427,10 +427,15 @@ print("RESULT " + json.dumps(promote.run(cfg, sys.argv[2], sys.argv[3] or None, 
 
 
 def _fake_policy(d: Path, accuracy: float) -> Path:
-    d.mkdir(parents=True)
-    (d / "config.json").write_text("{}")
-    (d / "model.safetensors").write_bytes(os.urandom(4096))
-    (d / "ACCURACY").write_text(str(accuracy))
+    """A real tiny (untrained) policy whose config carries the held-out accuracy `fake_eval` reports
+    (the config travels through MLflow's transformers flavor with the weights)."""
+    from components.config import TinyModelConfig
+    from components.modeling import build_tiny_model, build_tiny_tokenizer, save_model
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16), tok)
+    model.config.test_heldout_accuracy = accuracy
+    save_model(model, tok, d)
     return d
 
 
