@@ -123,11 +123,16 @@ def _pinned(*packages: str) -> list[str]:
 
 def _log_model(run_id: str, flavor: Any, name: str, **kwargs: Any) -> "mlflow.models.model.ModelInfo":
     """Log a model of `flavor` to run `run_id` (a logged model in the run's experiment; no run is
-    started or ended)."""
+    started or ended, and the process's active experiment is left as it was)."""
     from mlflow.models import Model
+    from mlflow.tracking import fluent
 
+    previous = fluent._active_experiment_id  # MLflow logs the model into the active experiment
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
-    return Model.log(artifact_path=None, name=name, flavor=flavor, run_id=run_id, **kwargs)
+    try:
+        return Model.log(artifact_path=None, name=name, flavor=flavor, run_id=run_id, **kwargs)
+    finally:
+        fluent._active_experiment_id = previous
 
 
 def log_policy(run_id: str, policy_dir: str, name: str = "policy") -> "mlflow.models.model.ModelInfo":

@@ -25,6 +25,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TASK_START = re.compile(r"Executing task '([^']+)'")
 TASK_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
 STEP = re.compile(r"^\s*\[(\w+)\] step (\d+)/(\d+)")
+SHOW = re.compile(r"^\s*\[tracking\] ")  # a task's lines the terminal always gets (the run id to --resume)
 # the metrics a task's line shows, by stage (keys as in its KFP Metrics artifact)
 SHOWN = {"sft": ("sft.final_loss",), "reward_model": ("rm.heldout_accuracy",), "evaluate": ("eval.accuracy",),
          "rollout": ("rollout.reward_mean", "rollout.accuracy"), "grpo_update": ("update.loss", "update.kl"),
@@ -103,6 +104,9 @@ class TaskLog(io.TextIOBase):
         if end and end.group(1) == self.current:
             self._end(end.group(2))
             return
+        if SHOW.search(line):
+            self._clear_bar()
+            self._say(line.strip())
         step = STEP.search(line)
         if step and self.current and self.interactive and not self.verbose:
             self._bar(int(step.group(2)), int(step.group(3)))

@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import struct
+import tempfile
 import subprocess
 import sys
 import threading
@@ -602,11 +603,13 @@ def _cached_task(entry: Path) -> str:
 def _champion_sha(workdir: Path) -> tuple[str, str]:
     import mlflow
 
-    c = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    from components import tracking
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     shas = []
     for name in ("kfp-grpo-policy", "kfp-grpo-reward"):
-        src = c.get_model_version_by_alias(name, "champion").source.removeprefix("file://")
-        shas.append(hashlib.sha256(Path(src, "model.safetensors").read_bytes()).hexdigest())
+        local = tracking.download_model(f"models:/{name}@champion", tempfile.mkdtemp(dir=workdir))
+        shas.append(hashlib.sha256(Path(local, "model.safetensors").read_bytes()).hexdigest())
     return shas[0], shas[1]
 
 
