@@ -286,6 +286,12 @@ class Images(_Strict):
 STAGES = ("prepare_data", "sft", "reward_model", "rollout", "grpo_update", "rm_replay", "evaluate", "promote")
 
 
+# what every task gets as env from the Secret `cluster.mlflow_secret` and the ConfigMap `cluster.config_map`
+MLFLOW_CLIENT_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID",
+                      "AWS_SECRET_ACCESS_KEY")
+MLFLOW_CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME")
+
+
 class ClusterConfig(_Strict):
     images: Images = Images()
     mlflow_secret: str | None = Field("kfp-grpo-mlflow-client", description="Secret injected as env")
