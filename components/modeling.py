@@ -191,6 +191,22 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
             torch.save(obj, tmp / name)
 
 
+def dequantize_gguf(model_dir: str, gguf_file: str, out_dir: str | Path) -> Path:
+    """Dequantize `model_dir`/`gguf_file` once into a standard HF directory at `out_dir`.
+
+    transformers dequantizes a GGUF file on every load (tens of seconds for a 135M model);
+    the directory written here (float32 safetensors + the tokenizer with its chat template)
+    loads in about a second with no `gguf_file`. A directory already at `out_dir` holding
+    a config.json is kept as it is (the cache); remove it to convert again.
+    """
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    model, tok = load_policy(model_dir, ModelConfig(policy=model_dir, gguf_file=gguf_file))
+    save_model(model, tok, out)
+    return out
+
+
 def initial_policy(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The starting point of SFT: the tiny model built offline, or a pretrained one."""
     if cfg.policy == TINY:
