@@ -452,12 +452,15 @@ def test_evaluate_trained_beats_untrained(eval_set, trained_policy, untrained_po
     assert len(samples) == 100
     assert (samples.correct == [is_correct(c, a) for c, a in zip(samples.completion, samples.answer)]).all()
     assert samples.correct.mean() == pytest.approx(trained["eval/accuracy"])
+    well_formed = [format_reward(c) == 1.0 for c in samples.completion]
+    assert trained["eval/format"] == pytest.approx(sum(well_formed) / len(well_formed))
+    assert trained["eval/format"] > untrained["eval/format"]
 
 
 def test_evaluate_majority_vote(eval_set, trained_policy):
     cfg = fast_config(evaluation={"maj_k": 3, "maj_temperature": 0.7})
     m = evaluate.run(cfg, str(eval_set), str(trained_policy))
-    assert set(m) == {"eval/accuracy", "eval/num_prompts", "eval/maj@3"}
+    assert set(m) == {"eval/accuracy", "eval/format", "eval/num_prompts", "eval/maj@3"}
     assert 0.0 < m["eval/maj@3"] <= 1.0
     assert "eval/maj@3" not in evaluate.run(fast_config(), str(eval_set), str(trained_policy))
 
