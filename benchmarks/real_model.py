@@ -35,6 +35,8 @@ from benchmarks.common import RESULTS, ROOT, Spec, cpu_seconds, loadavg, machine
     write_json
 from benchmarks.smollm2 import DEFAULT_DIR
 
+MODULE = "benchmarks.real_model"  # this file, also when run as __main__
+
 # The step comparison: small enough for ~1-2 min per step per side on 2 cores.
 STEP_SPEC = Spec(threads=1, group_size=8, prompts_per_step=4, minibatch=16, max_new_tokens=64, lr=1e-6,
                  beta=0.04, eps=0.2, loss="token", rounds=3, warmup_rounds=1, eval_every=10**6,
@@ -214,7 +216,7 @@ def prepare_step_data(spec: Spec, model_dir: str, work: Path) -> dict:
 def _side(module: str, spec: Spec, paths: dict, out: Path, work: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT.parent) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    args = [sys.executable, "-m", module] + (["_ours"] if module == __name__ else []) + [
+    args = [sys.executable, "-m", module] + (["_ours"] if module == MODULE else []) + [
         "--spec", spec.to_json(), "--paths", json.dumps(paths), "--out", str(out), "--work", str(work)]
     print(f"[real-model step] {module}", flush=True)
     subprocess.run(args, check=True, env=env, cwd=str(ROOT.parent))
@@ -228,7 +230,7 @@ def measure_steps(spec: Spec, model_dir: str, out_dir: Path, repeats: int) -> li
     paths = prepare_step_data(spec, model_dir, out_dir)
     runs = []
     for rep in range(repeats):
-        for side, module in (("kfp-grpo", __name__), ("TRL", "benchmarks.trl_runner")):
+        for side, module in (("kfp-grpo", MODULE), ("TRL", "benchmarks.trl_runner")):
             work = out_dir / f"work-{side}-{rep}"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
@@ -338,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         settings += [RolloutSetting(t, "generate", "float32", b) for t in a.threads for b in a.batches if b <= 64]
         records = measure_rollout(model_dir, settings, a.repeats, STEP_SPEC.group_size, a.max_new_tokens)
         res.update(rollout_records=records, rollout=summarize_rollout(records), rollout_max_new_tokens=a.max_new_tokens)
-        best = max(res["rollout"], key=lambda r: r["tok_s"] if r["sampler"] == "backend" else 0.0)
-        res["rollout_stage"] = [rollout_stage(model_dir, out, best["threads"], best["dtype"], best["batch"],
-                                              STEP_SPEC.group_size, a.max_new_tokens)]
+        res["rollout_stage"] = [rollout_stage(model_dir, out, min(a.threads), d, max(a.batches), STEP_SPEC.group_size,
+                                              a.max_new_tokens) for d in a.dtypes]
         write_json(res, out / "results.json")
     if a.what in ("step", "all"):
         spec = replace(STEP_SPEC, threads=a.step_threads, rounds=a.step_rounds,

@@ -140,9 +140,10 @@ class HFGenerationConfig(_Strict):
     """The `hf` rollout backend: sampling with the transformers model itself (CPU, or one GPU)."""
 
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="dtype the weights sample in (null: model.dtype). bfloat16 samples ~2.5x faster on "
-                          "CPUs with AVX512-BF16/AMX; its log-probs are then not float32 π_old's, so the update "
-                          "recomputes π_old (set grpo.importance_sampling_cap to correct for the mismatch)")
+        None, description="dtype the weights sample in (null: model.dtype). bfloat16 sampled 2.4x more tokens "
+                          "per CPU-second on an AVX512-BF16 CPU; its log-probs are then not float32 π_old's, so "
+                          "the update recomputes π_old (set grpo.importance_sampling_cap to correct for the "
+                          "mismatch)")
 
 
 class RolloutConfig(_Strict):
