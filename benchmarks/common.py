@@ -146,7 +146,8 @@ def prepare(spec: Spec, cache: Path | None = None) -> dict[str, str]:
 
 def heldout_accuracy(model, tok, test, max_new_tokens: int) -> float:
     """Greedy pass@1 on the held-out prompts, the same code for both sides (as evaluate.run)."""
-    from components.generation import HFBackend, Sampling
+    from components.generation import HFBackend
+    from components.sampling import Sampling
     from components.modeling import chat_prompt
     from components.rewards import is_correct
 

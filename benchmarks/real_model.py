@@ -96,7 +96,8 @@ def measure_rollout(model_dir: str, settings: list[RolloutSetting], repeats: int
     import torch
 
     from components.config import ModelConfig, RolloutConfig
-    from components.generation import Sampling, make_backend
+    from components.generation import make_backend
+    from components.sampling import Sampling
 
     backends = {d: make_backend("hf", model_dir, ModelConfig(policy=model_dir, dtype=d), RolloutConfig())
                 for d in sorted({s.dtype for s in settings})}

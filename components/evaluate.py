@@ -8,7 +8,8 @@ import pandas as pd
 
 from components import tracking
 from components.config import Config
-from components.generation import Sampling, make_backend
+from components.generation import make_backend
+from components.sampling import Sampling
 from components.io import distinct_outputs, read_parquet, write_json, write_parquet
 from components.modeling import chat_prompt
 from components.stage_cli import config_from_args, main_wrapper, parser

@@ -3,14 +3,12 @@
 A backend returns, for every prompt and every one of its `n` samples, the completion
 token ids, text, the sampler's per-token log-probs and a finish reason. `hf` samples with
 the transformers model's forward pass (batched, KV cache); `vllm` lives in
-`components.vllm_backend`.
+`components.vllm_backend`; what both take and return is in `components.sampling`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,48 +16,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from components.modeling import batched, cache_kwargs, encode_prompts, last_logits_only
-
-
-@dataclass
-class Sampling:
-    """How to sample: n per prompt, one temperature per sample index (len n)."""
-
-    n: int
-    temperatures: list[float]
-    max_new_tokens: int
-    top_p: float = 1.0
-    greedy: bool = False
-    seed: int = 0
-
-
-@dataclass
-class Generation:
-    prompt_index: int
-    sample_index: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    finish_reason: str  # "stop" (EOS) or "length"
-    temperature: float
-
-
-@dataclass
-class GenerationStats:
-    seconds: float = 0.0
-    tokens: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-class Backend(Protocol):
-    def generate(self, prompts: list[str], sampling: Sampling) -> list[Generation]: ...
-
-
-def group_temperatures(n: int, temperature: float, temperature_range: tuple[float, float] | None) -> list[float]:
-    """τ_k = τ_lo + (τ_hi − τ_lo)·k/G for k = 0..G−1, or one temperature for all."""
-    if temperature_range is None:
-        return [temperature] * n
-    lo, hi = temperature_range
-    return [lo + (hi - lo) * k / n for k in range(n)]
+from components.sampling import Backend, Generation, GenerationStats, Sampling
 
 
 class HFBackend:
