@@ -9,7 +9,7 @@ import pandas as pd
 from components import tracking
 from components.config import Config
 from components.generation import Sampling, make_backend
-from components.io import read_parquet, write_json, write_parquet
+from components.io import distinct_outputs, read_parquet, write_json, write_parquet
 from components.modeling import chat_prompt
 from components.stage_cli import config_from_args, main_wrapper, parser
 from components.tasks import extract_answer, is_correct, normalize_number
@@ -27,6 +27,7 @@ def run(cfg: Config, test: str, policy: str, out: str | None = None,
 
     Writes the metrics as JSON to `out` and the greedy completions to `samples` (Parquet), when given.
     """
+    distinct_outputs(out=out, samples=samples)
     rows = read_parquet(test, "held-out prompts", ["prompt", "answer"])
     if rows.empty:
         raise ValueError(f"held-out prompts {test} are empty")

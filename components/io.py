@@ -1,8 +1,11 @@
-"""Artifact I/O: every artifact a stage writes is complete or absent.
+"""Artifact I/O: every artifact a stage writes is complete or absent, and replaces only its own kind.
 
 Write into a temporary sibling, then rename into place. A stage killed half-way
 leaves the previous artifact (or nothing) and a ``.tmp-*`` sibling that the next
-attempt removes.
+attempt removes. An output path may replace only what this project wrote there before:
+a directory holding the ``.kfp-grpo`` marker (written into every directory artifact), a
+Parquet file with kfp-grpo's schema metadata, or a JSON object with a ``kfp_grpo`` key;
+anything else there (a user's directory or file) is refused with `OutputPathError`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,54 @@ from typing import Any, Iterator, Sequence
 import pandas as pd
 
 TMP_MARK = ".tmp-"
+MARKER = ".kfp-grpo"  # in every directory artifact: this project may replace the directory later
+PARQUET_KEY = b"kfp_grpo"  # in the schema metadata of every Parquet file this project writes
+
+
+class OutputPathError(ValueError):
+    """An output path holds something this project did not write (or names another output)."""
+
+
+def _ours(path: Path) -> bool:
+    """True when `path` is absent, an empty directory, or an artifact this project wrote."""
+    if not path.exists() and not path.is_symlink():
+        return True
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        return (path / MARKER).is_file() or not any(path.iterdir())
+    if path.stat().st_size == 0:
+        return True
+    try:
+        if path.read_bytes()[:4] == b"PAR1":
+            import pyarrow.parquet as pq
+
+            return PARQUET_KEY in (pq.read_schema(path).metadata or {})
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        return isinstance(obj, dict) and "kfp_grpo" in obj
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def check_output(final: str | Path) -> None:
+    """Refuse (OutputPathError) to write where something that is not ours already is."""
+    final = Path(final)
+    if not _ours(final):
+        what = "directory" if final.is_dir() and not final.is_symlink() else "file"
+        raise OutputPathError(f"output path {final} is an existing {what} that kfp-grpo did not write; "
+                              "refusing to replace it (choose a new path, or remove it yourself)")
+
+
+def distinct_outputs(**paths: str | Path | None) -> None:
+    """Refuse two outputs of one stage that name the same path (one would overwrite the other)."""
+    seen: dict[Path, str] = {}
+    for name, p in paths.items():
+        if p is None:
+            continue
+        key = Path(p).resolve()
+        if key in seen:
+            raise OutputPathError(f"outputs {seen[key]} and {name} are the same path {p}; give each its own")
+        seen[key] = name
 
 
 def _clean_stale(final: Path) -> None:
@@ -57,9 +108,14 @@ def _exchange(a: Path, b: Path) -> bool:
 def atomic_path(final: str | Path, is_dir: bool = True) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces `final` in one rename.
 
-    On an exception the temporary is removed and `final` is left as it was.
+    On an exception the temporary is removed and `final` is left as it was. `final` may
+    only replace an artifact of this project (see the module docstring); a directory
+    artifact gets the marker file.
     """
     final = Path(final)
+    if final.parent.exists() and not final.parent.is_dir():
+        raise OutputPathError(f"output path {final}: {final.parent} is a file, not a directory")
+    check_output(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(final)
     tmp = final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
@@ -67,6 +123,8 @@ def atomic_path(final: str | Path, is_dir: bool = True) -> Iterator[Path]:
         tmp.mkdir()
     try:
         yield tmp
+        if is_dir:
+            (tmp / MARKER).write_text("written by kfp-grpo; it may replace this directory\n")
         _fsync_tree(tmp)
         if final.is_dir() and not final.is_symlink():
             # rename() cannot replace a non-empty directory: exchange the two in one step
@@ -93,9 +151,14 @@ def _fsync_tree(path: Path) -> None:
 
 
 def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
-    """Write a DataFrame to Parquet atomically."""
+    """Write a DataFrame to Parquet atomically (marked as this project's in its schema metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARQUET_KEY: b"1"})
     with atomic_path(path, is_dir=False) as tmp:
-        df.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
 
 
 def read_parquet(path: str | Path, what: str = "dataset", columns: Sequence[str] = ()) -> pd.DataFrame:
@@ -113,10 +176,10 @@ def read_parquet(path: str | Path, what: str = "dataset", columns: Sequence[str]
     return df
 
 
-def write_json(obj: Any, path: str | Path) -> None:
-    """Write JSON atomically."""
+def write_json(obj: dict[str, Any], path: str | Path) -> None:
+    """Write a JSON object atomically, marked as this project's (a ``kfp_grpo`` key)."""
     with atomic_path(path, is_dir=False) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+        tmp.write_text(json.dumps({"kfp_grpo": 1, **obj}, indent=2, sort_keys=True, default=float))
 
 
 def read_json(path: str | Path) -> Any:

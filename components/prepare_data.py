@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from components import stage_cli
 from components.config import Config
-from components.io import write_parquet
+from components.io import distinct_outputs, write_parquet
 from components.tasks import prepare_splits
 
 
@@ -25,6 +25,7 @@ def run(cfg: Config, train: str, test: str) -> dict[str, Any]:
     Returns ``{"num_train", "num_test", "source"}``. Raises DatasetError on bad input,
     before any file is written.
     """
+    distinct_outputs(train=train, test=test)
     train_rows, test_rows = prepare_splits(cfg.data, cfg.seed)
     write_parquet(train_rows, train)
     write_parquet(test_rows, test)

@@ -20,6 +20,7 @@ from typing import Iterator
 from components import evaluate, tracking
 from components.config import Config
 from components.grpo_update import OPTIMIZER_FILE
+from components.io import MARKER
 from components.stage_cli import config_from_args, main_wrapper, parser
 
 BUFFER_FILE = "replay_buffer.parquet"
@@ -91,14 +92,14 @@ def run(cfg: Config, policy: str, reward_model: str | None, test: str, run_id: s
     try:
         with tempfile.TemporaryDirectory() as tmp:  # the registered policy: weights + tokenizer, no optimizer pickle
             staged_policy = Path(tmp) / "policy"
-            shutil.copytree(policy, staged_policy, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
+            shutil.copytree(policy, staged_policy, ignore=shutil.ignore_patterns(OPTIMIZER_FILE, MARKER))
             pv = tracking.register_dir(c, policy_name, str(staged_policy), run_id, "policy", version_tags)
             created.append((policy_name, pv))
         rv = None
         if reward_model:
             with tempfile.TemporaryDirectory() as tmp:
                 staged = Path(tmp) / "reward_model"
-                shutil.copytree(reward_model, staged)
+                shutil.copytree(reward_model, staged, ignore=shutil.ignore_patterns(MARKER))
                 if buffer:  # the next scheduled run carries the replay buffer forward from here
                     shutil.copy(buffer, staged / BUFFER_FILE)
                 rv = tracking.register_dir(c, reward_name, str(staged), run_id, "reward_model",

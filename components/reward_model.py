@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification
 
 from components import tracking
 from components.config import Config
-from components.io import read_parquet, write_parquet
+from components.io import distinct_outputs, read_parquet, write_parquet
 from components.modeling import DTYPES, ModelLoadError, batched, default_device, load_tokenizer, save_model
 from components.stage_cli import config_from_args, main_wrapper, parser
 from components.tasks import reference_completion, wrong_answer
@@ -134,6 +134,7 @@ def run(cfg: Config, train: str, policy: str, reward_model: str, rm_data: str) -
     Writes the reward model (HF directory) to `reward_model` and its labelled data (the start
     of the replay history) to `rm_data`; reports its held-out pairwise accuracy.
     """
+    distinct_outputs(reward_model=reward_model, rm_data=rm_data)
     prompts = read_parquet(train, "training prompts", ["id", "prompt", "answer"])
     data = synthetic_rm_data(prompts, cfg.reward_model.negatives_per_prompt, cfg.seed)
     train, held = split_by_prompt(data, cfg.reward_model.heldout_fraction, cfg.seed)

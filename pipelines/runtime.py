@@ -103,14 +103,11 @@ def write_metrics_file(metrics_artifact: Any) -> None:
     output artifact whose file does not exist as a miss, so without this no task with a
     Metrics output would ever be skipped by `kfp-grpo run --resume`.
     """
-    import json
-
-    from components.io import atomic_path
+    from components.io import write_json
 
     if metrics_artifact is None:
         return
-    with atomic_path(metrics_artifact.path, is_dir=False) as tmp:
-        tmp.write_text(json.dumps(dict(metrics_artifact.metadata), sort_keys=True, default=str))
+    write_json(dict(metrics_artifact.metadata), metrics_artifact.path)
 
 
 def resolve_model(uri: str, dst: str, tracking_uri: str, cfg_tracking_uri: str | None) -> bool:
@@ -335,7 +332,8 @@ def log_curves(c: "mlflow.MlflowClient", run_id: str) -> None:
                 ax.plot([m.step for m in hist], [m.value for m in hist], marker="o", label=key)
         ax.set_title(title)
         ax.set_xlabel("step" if "rollout" in title else "iteration")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     c.log_figure(run_id, fig, "curves.png")

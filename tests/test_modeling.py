@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components.config import ModelConfig, TinyModelConfig
+from components.io import MARKER
 from components.modeling import (
     FORMAT_TOKENS,
     ModelLoadError,
@@ -94,7 +95,7 @@ def test_saved_dir_is_a_plain_hf_directory(saved, model, tok):
     files = {p.name for p in saved.iterdir()}
     assert "model.safetensors" in files and "config.json" in files
     assert not any(f.endswith(".bin") for f in files)
-    assert not any(f.startswith(".") for f in files)  # no temp leftovers
+    assert not any(f.startswith(".") for f in files - {MARKER})  # no temp leftovers (the marker: ours, see io)
     assert not list(saved.parent.glob(".policy.tmp-*"))
     # no project code: plain transformers opens it
     hf_tok = AutoTokenizer.from_pretrained(saved)

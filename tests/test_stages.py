@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from components import evaluate, grpo_update, reward_model, rm_replay, rollout, sft
+from components import evaluate, grpo_update, prepare_data, reward_model, rm_replay, rollout, sft
 from components.config import _deep_merge
-from components.io import atomic_path, write_json, write_parquet
+from components.io import MARKER, OutputPathError, atomic_path, write_json, write_parquet
 from components.modeling import initial_policy, load_policy, load_reward_model, save_model
 from components.tasks import extract_answer, format_reward, is_correct, normalize_number, reference_completion
 from tests.conftest import FAST, fast_config
@@ -434,7 +434,7 @@ def test_evaluate_trained_beats_untrained(eval_set, trained_policy, untrained_po
     assert trained["eval/num_prompts"] == untrained["eval/num_prompts"] == 100
     assert trained["eval/accuracy"] > untrained["eval/accuracy"]
     assert trained["eval/accuracy"] >= 0.1 and untrained["eval/accuracy"] <= 0.02
-    assert json.loads((work / "eval-trained.json").read_text()) == pytest.approx(trained)
+    assert json.loads((work / "eval-trained.json").read_text()) == pytest.approx({**trained, "kfp_grpo": 1})
     samples = pd.read_parquet(work / "eval-trained.parquet")
     assert len(samples) == 100
     assert (samples.correct == [is_correct(c, a) for c, a in zip(samples.completion, samples.answer)]).all()
@@ -647,7 +647,7 @@ def test_cli_success_prints_metrics_json(capsys, eval_set, trained_policy, tmp_p
                           "--out", str(out)]) == 0
     captured = capsys.readouterr()
     printed = json.loads(captured.out[captured.out.index("{"):])
-    assert printed == json.loads(out.read_text())
+    assert {**printed, "kfp_grpo": 1} == json.loads(out.read_text())
     assert captured.err == ""
 
 
@@ -684,7 +684,7 @@ def test_atomic_dir_keeps_the_previous_artifact_when_the_body_raises(tmp_path):
     with atomic_path(final) as tmp:
         (tmp / "weights").write_text("v1")
         (tmp / "config.json").write_text("{}")
-    assert sorted(p.name for p in final.iterdir()) == ["config.json", "weights"]
+    assert sorted(p.name for p in final.iterdir()) == [MARKER, "config.json", "weights"]
     with pytest.raises(RuntimeError, match="boom"):
         with atomic_path(final) as tmp:
             (tmp / "weights").write_text("v2-partial")
@@ -704,7 +704,7 @@ def test_atomic_dir_replaces_completely_on_success(tmp_path):
         (tmp / "sub").mkdir()
         (tmp / "sub" / "new").write_text("v2")
         assert (final / "old-only").exists()  # the old artifact stays readable until the rename
-    assert sorted(str(p.relative_to(final)) for p in final.rglob("*")) == ["shared", "sub", "sub/new"]
+    assert sorted(str(p.relative_to(final)) for p in final.rglob("*")) == [MARKER, "shared", "sub", "sub/new"]
     assert (final / "shared").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
@@ -716,17 +716,44 @@ def test_atomic_file_and_stale_temporaries(tmp_path):
         with atomic_path(final, is_dir=False) as tmp:
             tmp.write_text("partial")
             raise KeyboardInterrupt
-    assert json.loads(final.read_text()) == {"a": 1}
+    assert json.loads(final.read_text()) == {"a": 1, "kfp_grpo": 1}
     # a stage killed half-way leaves a .tmp- sibling; the next attempt removes it
     stale_dir = tmp_path / ".metrics.json.tmp-deadbeef"
     stale_dir.mkdir()
     (stale_dir / "x").write_text("junk")
     (tmp_path / ".metrics.json.tmp-cafebabe").write_text("junk")
     write_json({"a": 2}, final)
-    assert json.loads(final.read_text()) == {"a": 2}
+    assert json.loads(final.read_text()) == {"a": 2, "kfp_grpo": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
     # the body's failure never creates the artifact when there was none
     with pytest.raises(ValueError):
         with atomic_path(tmp_path / "new.parquet", is_dir=False):
             raise ValueError("bad input")
     assert no_artifact(tmp_path / "new.parquet")
+
+
+def test_outputs_never_replace_what_kfp_grpo_did_not_write(tmp_path, data_dir):
+    """A user's directory or file at an output path is refused with one line and left as it was;
+    what this project wrote there before (marker / Parquet metadata / JSON key) is replaced."""
+    user_dir = tmp_path / "results"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("my other results")
+    user_file = tmp_path / "mine.parquet"
+    pd.DataFrame({"x": [1]}).to_parquet(user_file)
+    before = user_file.read_bytes()
+    for out in (user_dir, user_file):
+        with pytest.raises(OutputPathError, match="did not write"):
+            prepare_data.run(fast_config(), str(out), str(tmp_path / "test.parquet"))
+    assert (user_dir / "notes.txt").read_text() == "my other results" and user_file.read_bytes() == before
+    assert no_artifact(tmp_path / "test.parquet")
+    with pytest.raises(OutputPathError, match="same path"):
+        prepare_data.run(fast_config(), str(tmp_path / "a.parquet"), str(tmp_path / "a.parquet"))
+    assert no_artifact(tmp_path / "a.parquet")
+    # our own outputs are replaced on a second run
+    for _ in range(2):
+        prepare_data.run(fast_config(), str(tmp_path / "train.parquet"), str(tmp_path / "test.parquet"))
+    with atomic_path(tmp_path / "model") as tmp:
+        (tmp / "weights").write_text("v1")
+    with atomic_path(tmp_path / "model") as tmp:
+        (tmp / "weights").write_text("v2")
+    assert (tmp_path / "model" / "weights").read_text() == "v2"
