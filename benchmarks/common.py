@@ -292,7 +292,7 @@ class SideLog:
 
     def result(self, **extra: Any) -> dict:
         return {"side": self.side, "rounds": self.rounds, "curve": self.curve, "loadavg_start": self.loadavg_start,
-                "loadavg_end": loadavg(), **extra}
+                "loadavg_end": loadavg(), "versions": versions(), **extra}
 
 
 def run_side(module: str, spec: Spec, paths: dict, out: Path, work: Path, until: int | None = None) -> dict:

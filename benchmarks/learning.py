@@ -204,8 +204,9 @@ def markdown(res: dict[str, Any]) -> str:
                   "`GRPOTrainer.train()`, models in memory. Equal wall time = the faster side's finish, per seed.", "",
                   "| seed | SFT | first | t equal (s) | kfp-grpo at t | TRL at t | kfp-grpo final (wall s) | "
                   "TRL final (wall s) |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+        names = {side: name for side, name, _ in SIDES}
         for seed, e in c["per_seed"].items():
-            lines.append(f"| {seed} | {e['sft_accuracy']:.3f} | {e['order'][0]} | {e['t_equal']:.0f} | "
+            lines.append(f"| {seed} | {e['sft_accuracy']:.3f} | {names[e['order'][0]]} | {e['t_equal']:.0f} | "
                          f"{e['ours']['at_equal']:.3f} | {e['trl']['at_equal']:.3f} | {e['ours']['final']:.3f} "
                          f"({e['ours']['wall']:.0f}) | {e['trl']['final']:.3f} ({e['trl']['wall']:.0f}) |")
         lines += [f"| **mean ± std [min, max]** | {_pm(s['sft_accuracy'])} | | | {_pm(s['ours']['at_equal'])} | "
