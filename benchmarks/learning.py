@@ -107,11 +107,12 @@ def _worker_inprocess(workdir: str, sets: list[str]) -> None:
 def side_by_side(overrides: dict[str, Any], seeds: list[int], rounds: int | None, eval_every: int,
                  out: Path) -> dict[str, Any]:
     """Per seed: one SFT checkpoint, then kfp-grpo and TRL from it (alternating which goes first)."""
-    per_seed, spec = {}, None
+    per_seed, spec, hashes = {}, None, []
     for i, seed in enumerate(seeds):
         compared, changes = comparison_config(default_config({**overrides, "seed": seed}))
         spec = Spec(compared.to_json(), rounds=rounds or compared.loop.iterations * compared.loop.steps_per_iteration,
                     eval_every=eval_every, warmup_rounds=0, changes=changes)
+        hashes.append(compared.hash())
         paths = prepare(compared)
         print(f"[learning] seed {seed}: SFT checkpoint {paths['sft']} (held-out accuracy "
               f"{paths['sft_accuracy']:.3f})", flush=True)
@@ -127,7 +128,8 @@ def side_by_side(overrides: dict[str, Any], seeds: list[int], rounds: int | None
         per_seed[str(seed)]["t_equal"] = t_equal
         for k in sides:
             per_seed[str(seed)][k]["at_equal"] = accuracy_at(sides[k]["curve"], t_equal)
-    return {"settings": spec.settings() if spec else {}, "changes": spec.changes if spec else [],
+    settings = {**spec.settings(), "seed": ", ".join(map(str, seeds)), "config_hash": ", ".join(hashes)} if spec else {}
+    return {"settings": settings, "changes": spec.changes if spec else [],
             "rounds": spec.rounds if spec else 0, "eval_every": eval_every, "per_seed": per_seed}
 
 
@@ -237,6 +239,7 @@ def plot(res: dict[str, Any], out: Path) -> list[str]:
             n = min(len(r["curve"]) for r in runs)
             ax.plot(range(n), [sum(r["curve"][i] for r in runs) / len(runs) for i in range(n)], color="black",
                     linewidth=2.5, label="mean")
+            ax.set_xticks(range(max(len(r["curve"]) for r in runs)))
             ax.set_xlabel("outer iteration (0 = SFT)")
             ax.set_title(f"the default, end to end ({res['runner']} runner)")
         else:
