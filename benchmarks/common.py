@@ -204,7 +204,7 @@ def heldout_accuracy(model, tok, test, cfg) -> float:
     """Greedy pass@1 on the held-out prompts — what the evaluate stage computes, the same code for both sides."""
     from components.generation import HFBackend, Sampling
     from components.modeling import chat_prompt
-    from components.tasks import is_correct
+    from components.rewards import is_correct
 
     was_training = model.training
     backend = HFBackend(model, tok, batch_size=cfg.evaluation.batch_size)

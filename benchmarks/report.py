@@ -59,7 +59,7 @@ def settings_line(s: dict[str, Any], changes: list[str]) -> str:
     """The settings both sides ran with, as one paragraph (shared with benchmarks.learning)."""
     line = (f"Settings (both sides; the default config read at run time, compared as config {s['config_hash']}): "
             f"reward = "
-            f"{s['correctness_weight']}·correct + {s['format_weight']}·format (components.tasks, no reward model); "
+            f"{s['correctness_weight']}·correct + {s['format_weight']}·format (components.rewards, no reward model); "
             f"G = {s['G']}, {s['prompts_per_step']} prompts per step ({s['completions_per_step']} completions), "
             f"minibatch {s['minibatch']} completions, μ = {s['epochs']} ({s['optimizer_steps_per_step']} optimizer "
             f"steps per step), max completion {s['max_new_tokens']} tokens, temperature {s['temperature']}, "

@@ -31,8 +31,8 @@ from benchmarks.common import TRL_LOSS, Phases, SideLog, Spec, cpu_seconds, held
 
 
 def reward_functions(cfg):
-    """The task's verifier rewards (components.tasks) in TRL's reward-function signature, with their weights."""
-    from components.tasks import correctness_reward, format_reward
+    """The task's verifier rewards (components.rewards) in TRL's reward-function signature, with their weights."""
+    from components.rewards import correctness_reward, format_reward
 
     def text(c) -> str:
         return c[0]["content"] if isinstance(c, list) else c

@@ -338,6 +338,50 @@ class Config(_Strict):
         return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
+# Values that can be set when a run is created (KFP UI "Create run" form, API, `schedule`) without
+# recompiling: none of them changes the DAG's shape or placement. Everything else (loop sizes,
+# shards, nodes, images, resources, the model) is compile-time: change it with --set and recompile.
+RUN_TIME_KEYS = (
+    "seed", "sft.steps", "sft.lr", "reward_model.steps", "reward_model.lr", "reward.rm_weight",
+    "reward.correctness_weight", "reward.format_weight", "rollout.group_size", "rollout.prompts_per_step",
+    "rollout.max_new_tokens", "rollout.temperature", "rollout.top_p", "grpo.lr", "grpo.beta", "grpo.eps_low",
+    "grpo.eps_high", "grpo.loss_agg", "grpo.epochs", "grpo.minibatch_size", "grpo.warmup_steps",
+    "replay.historical_fraction", "replay.steps", "replay.lr", "evaluation.max_new_tokens", "promote.margin",
+)
+
+
+def run_time_parameters(cfg: Config) -> dict[str, tuple[type, Any]]:
+    """The pipeline's run-time parameters: name (``grpo.lr`` → ``grpo_lr``) → (type, `cfg`'s value)."""
+    params: dict[str, tuple[type, Any]] = {}
+    for key in RUN_TIME_KEYS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        params[key.replace(".", "_")] = (type(value) if isinstance(value, (bool, int, float)) else str, value)
+    return params
+
+
+def with_run_time_settings(cfg: Config, settings: dict[str, Any]) -> Config:
+    """`cfg` with run-time settings (by parameter name, e.g. {"grpo_lr": 1e-4}) applied and validated.
+
+    Values may arrive as strings (KFP passes pipeline parameters into a task's dict input as text);
+    they are read as YAML scalars, then the schema validates them (an error names the key path).
+    """
+    names = {k.replace(".", "_"): k for k in RUN_TIME_KEYS}
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise ConfigError(f"run-time settings: unknown parameter(s) {unknown}; the run-time parameters are "
+                          f"{sorted(names)} (everything else is compile-time: --set it and recompile)")
+    data = cfg.model_dump(mode="json")
+    for name, value in settings.items():
+        node = data
+        *parents, last = names[name].split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = yaml.safe_load(value) if isinstance(value, str) and last != "loss_agg" else value
+    return parse_config(data, "run-time settings")
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():

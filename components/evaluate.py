@@ -12,7 +12,7 @@ from components.generation import Sampling, make_backend
 from components.io import distinct_outputs, read_parquet, write_json, write_parquet
 from components.modeling import chat_prompt
 from components.stage_cli import config_from_args, main_wrapper, parser
-from components.tasks import extract_answer, is_correct, normalize_number
+from components.rewards import extract_answer, is_correct, normalize_number
 
 
 def majority(answers: list[str | None]) -> str | None:

@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", required=True, help="current policy directory (π_old)")
     p.add_argument("--reference", help="reference model directory (π_ref); default: the policy itself")
     p.add_argument("--out", required=True, help="output policy directory")
-    p.add_argument("--step", type=int, default=0)
+    p.add_argument("--step", type=int, default=0, help="global round index (seeds the minibatch order)")
     return main_wrapper(lambda a: run(config_from_args(a), a.rollouts, a.policy, a.reference, a.out, a.step),
                         p, argv)
 

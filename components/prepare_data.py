@@ -1,7 +1,7 @@
-"""Stage 1 — prepare_data: the train and test prompt tables.
+"""Stage: the train and test prompt tables.
 
 Reads the data config (built-in arithmetic task, JSONL/Parquet file or HF data set),
-validates and normalises it (:mod:`components.tasks`) and writes two Parquet files
+validates and normalises it (:mod:`components.data`) and writes two Parquet files
 with columns ``id, prompt, answer, solution``. Each file is written atomically; on bad
 input nothing is written.
 
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from components import stage_cli
 from components.config import Config
 from components.io import distinct_outputs, write_parquet
-from components.tasks import prepare_splits
+from components.data import prepare_splits
 
 
 def run(cfg: Config, train: str, test: str) -> dict[str, Any]:

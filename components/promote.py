@@ -11,19 +11,14 @@ numbers come from the same prompts. The decision and its reasons are logged and 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterator
 
 from components import evaluate, tracking
 from components.config import Config
-from components.grpo_update import OPTIMIZER_FILE
-from components.io import MARKER
 from components.stage_cli import config_from_args, main_wrapper, parser
 
-BUFFER_FILE = "replay_buffer.parquet"
 
 
 @dataclass
@@ -90,21 +85,16 @@ def run(cfg: Config, policy: str, reward_model: str | None, test: str, run_id: s
     created: list[tuple[str, str]] = []
     moved: list[tuple[str, str, str | None]] = []  # (model, alias, version it pointed to before)
     try:
-        with tempfile.TemporaryDirectory() as tmp:  # the registered policy: weights + tokenizer, no optimizer pickle
-            staged_policy = Path(tmp) / "policy"
-            shutil.copytree(policy, staged_policy, ignore=shutil.ignore_patterns(OPTIMIZER_FILE, MARKER))
-            pv = tracking.register_dir(c, policy_name, str(staged_policy), run_id, "policy", version_tags)
-            created.append((policy_name, pv))
+        # MLflow models of the run (the policy: transformers flavor, chat task; the RM: a scoring pyfunc
+        # carrying the replay history forward), registered as new versions
+        pv = tracking.register(c, policy_name, tracking.log_policy(run_id, policy), run_id, version_tags)
+        created.append((policy_name, pv))
         rv = None
         if reward_model:
-            with tempfile.TemporaryDirectory() as tmp:
-                staged = Path(tmp) / "reward_model"
-                shutil.copytree(reward_model, staged, ignore=shutil.ignore_patterns(MARKER))
-                if buffer:  # the next scheduled run carries the replay buffer forward from here
-                    shutil.copy(buffer, staged / BUFFER_FILE)
-                rv = tracking.register_dir(c, reward_name, str(staged), run_id, "reward_model",
-                                           {**version_tags, "policy_version": pv})
-                created.append((reward_name, rv))
+            info = tracking.log_reward_model(run_id, reward_model, buffer, system_prompt=cfg.data.system_prompt,
+                                             max_length=cfg.reward_model.max_length)
+            rv = tracking.register(c, reward_name, info, run_id, {**version_tags, "policy_version": pv})
+            created.append((reward_name, rv))
         with promotion_lock(c, policy_name, run_id):
             latest = tracking.champion(c, policy_name)
             if _version(latest) != _version(current):  # promoted by another run since we looked: gate again
@@ -152,8 +142,7 @@ def _accuracy_of(cfg: Config, test: str, mv) -> float | None:
     if mv is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        champ_dir = tracking.download_model(mv.source, tmp)
-        return evaluate.run(cfg, test, champ_dir)["eval/accuracy"]
+        return evaluate.run(cfg, test, tracking.download_model(mv.source, tmp))["eval/accuracy"]
 
 
 def _alias_version(c, name: str, alias: str) -> str | None:
@@ -247,8 +236,8 @@ def promotion_lock(c, name: str, owner: str, ttl_s: float | None = None, wait_s:
             c.delete_registered_model(lock)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser("promote", "Register a policy (and reward model) and run the promotion gate.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = parser("promote", "Register a policy (and reward model) and run the promotion gate.", prog)
     p.add_argument("--policy", required=True, help="policy directory to register")
     p.add_argument("--reward-model", help="reward model directory registered beside it")
     p.add_argument("--buffer", help="replay buffer Parquet stored with the reward model")

@@ -20,7 +20,7 @@ from components.config import Config
 from components.io import distinct_outputs, read_parquet, write_parquet
 from components.modeling import DTYPES, ModelLoadError, batched, default_device, load_tokenizer, save_model
 from components.stage_cli import config_from_args, main_wrapper, parser
-from components.tasks import reference_completion, wrong_answer
+from components.rewards import reference_completion, wrong_answer
 from components.training import train_steps
 
 RM_COLUMNS = ["prompt_id", "prompt", "completion", "label", "origin"]

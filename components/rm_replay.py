@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history", nargs="*", default=[], help="the replay history so far (the RM's data, earlier buffers)")
     p.add_argument("--out", required=True, help="output reward model directory")
     p.add_argument("--buffer-out", required=True, help="output Parquet: the replay history with this iteration's samples")
-    p.add_argument("--iteration", type=int, default=0)
+    p.add_argument("--iteration", type=int, default=0,
+                   help="outer iteration (seeds the held-out split of fresh samples)")
     return main_wrapper(lambda a: run(config_from_args(a), a.rollouts, a.reward_model, a.history, a.out,
                                       a.buffer_out, a.iteration), p, argv)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -18,10 +17,9 @@ from components.config import Config
 from components.generation import Sampling, group_temperatures, make_backend
 from components.grpo import group_advantages, zero_variance_fraction
 from components.io import read_parquet, write_parquet
-from components.modeling import chat_prompt, load_reward_model
-from components.reward_model import score
+from components.modeling import chat_prompt
 from components.stage_cli import config_from_args, main_wrapper, parser
-from components.tasks import correctness_reward, format_reward
+from components.rewards import rewards_for
 from components.timing import PhaseClock
 
 
@@ -30,29 +28,6 @@ def select_prompts(prompts: pd.DataFrame, n: int, seed: int, step: int, shard: i
     """The round's batch of prompts (seeded by step), optionally one shard of it."""
     batch = prompts.sample(n=min(n, len(prompts)), random_state=seed * 100_003 + step)
     return batch.iloc[shard::shards]
-
-
-def rewards_for(cfg: Config, problems: list[str], completions: list[str], answers: list[str],
-                rm_dir: str | None) -> pd.DataFrame:
-    """Reward parts and their weighted sum; raises naming the rows if any is NaN/inf."""
-    w = cfg.reward
-    parts = pd.DataFrame({
-        "reward_correct": [correctness_reward(c, a) for c, a in zip(completions, answers)],
-        "reward_format": [format_reward(c) for c in completions],
-    })
-    parts["reward_rm"] = 0.0
-    if w.rm_weight and rm_dir:
-        rm, tok = load_reward_model(rm_dir, cfg.model)
-        rm_score = score(rm, tok, problems, completions, cfg.reward_model.max_length,
-                         cfg.data.system_prompt)
-        parts["reward_rm"] = (torch.sigmoid(rm_score) if w.rm_squash else rm_score).cpu().numpy()
-    parts["reward"] = (w.rm_weight * parts.reward_rm + w.correctness_weight * parts.reward_correct
-                       + w.format_weight * parts.reward_format)
-    bad = np.flatnonzero(~np.isfinite(parts.reward.to_numpy()))
-    if len(bad):
-        raise ValueError(f"reward is NaN/inf for {len(bad)} completion(s), first at row {bad[0]} "
-                         f"(reward model score {parts.reward_rm.iloc[bad[0]]})")
-    return parts
 
 
 def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollouts: str,
@@ -124,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reward-model", help="reward model directory (omit to use rule-based rewards only)")
     p.add_argument("--out", required=True, help="output Parquet of rollouts")
     p.add_argument("--step", type=int, default=0, help="round index (seeds the prompt batch)")
-    p.add_argument("--policy-version", default="0")
-    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--policy-version", default="0", help="the policy version recorded on every row, e.g. 1.2")
+    p.add_argument("--shard", type=int, default=0, help="this shard of the round's prompts (of rollout.shards)")
     return main_wrapper(lambda a: run(config_from_args(a), a.prompts, a.policy, a.reward_model, a.out,
                                       a.step, a.policy_version, a.shard), p, argv)
 

@@ -12,7 +12,7 @@ from components.config import Config
 from components.io import read_parquet
 from components.modeling import chat_prompt, initial_policy, load_policy, save_model
 from components.stage_cli import config_from_args, main_wrapper, parser
-from components.tasks import reference_completion
+from components.rewards import reference_completion
 from components.training import train_steps
 
 

@@ -21,9 +21,21 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNot
                                                 NonFiniteError, DivergenceError)
 
 
-def parser(stage: str, description: str) -> argparse.ArgumentParser:
+class HelpFormatter(argparse.HelpFormatter):
+    """Help with each option's default, unless the help already names it (or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, "", [],
+                                                                                 argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def parser(stage: str, description: str, prog: str | None = None) -> argparse.ArgumentParser:
     """An ArgumentParser with the shared --config/--config-json options."""
-    p = argparse.ArgumentParser(prog=f"kfp-grpo stage {stage}", description=description)
+    p = argparse.ArgumentParser(prog=prog or f"kfp-grpo stage {stage}", description=description,
+                                formatter_class=HelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", help="YAML config (default: the embedded tiny.yaml)")
     g.add_argument("--config-json", help="config as JSON (what pipeline tasks pass)")

@@ -114,22 +114,71 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 ACCURACY_TAG = "heldout_accuracy"
 
 
-def register_dir(c: "mlflow.MlflowClient", name: str, local_dir: str, run_id: str, artifact_path: str,
-                 tags: Mapping[str, Any]) -> str:
-    """Log a HF directory to `run_id` and register it as a new version of `name`; returns the version.
+def _pinned(*packages: str) -> list[str]:
+    """`package==version` of what is installed here (what a logged model needs to load)."""
+    from importlib.metadata import version
 
-    The version's source is the run's artifact folder (a standard HF directory).
-    """
+    return [f"{p}=={version(p).split('+')[0]}" for p in packages]
+
+
+def _log_model(run_id: str, flavor: Any, name: str, **kwargs: Any) -> "mlflow.models.model.ModelInfo":
+    """Log a model of `flavor` to run `run_id` (a logged model in the run's experiment; no run is
+    started or ended, and the process's active experiment is left as it was)."""
+    from mlflow.models import Model
+    from mlflow.tracking import fluent
+
+    previous = fluent._active_experiment_id  # MLflow logs the model into the active experiment
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    try:
+        return Model.log(artifact_path=None, name=name, flavor=flavor, run_id=run_id, **kwargs)
+    finally:
+        fluent._active_experiment_id = previous
+
+
+def log_policy(run_id: str, policy_dir: str, name: str = "policy") -> "mlflow.models.model.ModelInfo":
+    """Log a policy directory to run `run_id` as an MLflow transformers model (chat task, the
+    tokenizer's chat template kept): `mlflow.pyfunc.load_model(...).predict({"messages": [...]})`
+    answers, and `mlflow models serve` serves it."""
+    from components.modeling import load_policy
+
+    model, tok = load_policy(policy_dir)
+    return _log_model(run_id, mlflow.transformers, name, transformers_model={"model": model, "tokenizer": tok},
+                      task="llm/v1/chat", pip_requirements=_pinned("torch", "transformers", "accelerate"))
+
+
+REWARD_MODEL_ARTIFACT, BUFFER_ARTIFACT = "reward_model", "replay_buffer"
+BUFFER_FILE = "replay_buffer.parquet"  # beside a downloaded reward model's weights
+
+
+def log_reward_model(run_id: str, rm_dir: str, buffer: str | None = None, name: str = "reward_model",
+                     system_prompt: str | None = None, max_length: int = 512) -> "mlflow.models.model.ModelInfo":
+    """Log a reward-model directory to run `run_id` as a scalar-scoring pyfunc
+    (`components/reward_pyfunc.py`: a table of prompt, completion → one score per row), with the
+    replay history `buffer` beside it (the next run carries it forward)."""
+    from pathlib import Path
+
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    example = pd.DataFrame({"prompt": ["What is 37 + 48?"], "completion": ["<answer>85</answer>"]})
+    artifacts = {REWARD_MODEL_ARTIFACT: rm_dir, **({BUFFER_ARTIFACT: buffer} if buffer else {})}
+    return _log_model(run_id, mlflow.pyfunc, name, python_model=str(Path(__file__).with_name("reward_pyfunc.py")),
+                      artifacts=artifacts, model_config={"system_prompt": system_prompt, "max_length": max_length},
+                      code_paths=[str(Path(__file__).parent)], signature=infer_signature(example, [0.0]),
+                      pip_requirements=_pinned("torch", "transformers", "pandas"))
+
+
+def register(c: "mlflow.MlflowClient", name: str, info: "mlflow.models.model.ModelInfo", run_id: str,
+             tags: Mapping[str, Any]) -> str:
+    """Register logged model `info` as a new version of `name`; returns the version."""
     from mlflow.exceptions import MlflowException
 
-    c.log_artifacts(run_id, local_dir, artifact_path)
     try:
         c.create_registered_model(name)
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
-    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = c.create_model_version(name, source=source, run_id=run_id,
+    mv = c.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                                 tags={k: str(v) for k, v in tags.items()})
     return str(mv.version)  # MLflow's store returns an int; versions are strings in its API and URIs
 
@@ -144,16 +193,41 @@ def champion(c: "mlflow.MlflowClient", name: str):
         return None
 
 
+def resolve_version(c: "mlflow.MlflowClient", uri: str):
+    """The registry version `models:/name@alias` or `models:/name/N` names (MlflowException if none)."""
+    name, _, alias = uri[len("models:/"):].partition("@")
+    return c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(*name.split("/", 1))
+
+
 def download_model(uri: str, dst: str) -> str:
-    """Download `models:/name@alias`, `models:/name/N`, `runs:/…` or any artifact URI into `dst`."""
+    """A registered or logged model as a standard HF directory under `dst` (no MLflow layout).
+
+    `uri`: `models:/name@alias`, `models:/name/N` or a logged model's `models:/m-…`. A policy
+    (transformers flavor) is written as a model + tokenizer directory; a reward model
+    (`components/reward_pyfunc.py`) as its HF directory with the replay history beside the
+    weights (`BUFFER_FILE`). Returns the directory.
+    """
+    import shutil
+    from pathlib import Path
+
     import mlflow.artifacts
 
-    if uri.startswith("models:/"):
-        c = mlflow.MlflowClient()
-        name, _, ref = uri[len("models:/"):].partition("@")
-        mv = c.get_model_version_by_alias(name, ref) if ref else c.get_model_version(*name.split("/", 1))
-        uri = mv.source
-    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+    if uri.startswith("models:/") and not uri.startswith("models:/m-"):
+        uri = resolve_version(mlflow.MlflowClient(), uri).source
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(Path(dst) / "mlflow")))
+    out = Path(dst) / "model"
+    flavors = mlflow.models.Model.load(str(local / "MLmodel")).flavors
+    artifacts = {k: local / v["path"] for k, v in flavors.get("python_function", {}).get("artifacts", {}).items()}
+    if REWARD_MODEL_ARTIFACT in artifacts:
+        shutil.copytree(artifacts[REWARD_MODEL_ARTIFACT], out)
+        if BUFFER_ARTIFACT in artifacts:
+            shutil.copy(artifacts[BUFFER_ARTIFACT], out / BUFFER_FILE)
+    else:
+        from components.modeling import save_model
+
+        parts = mlflow.transformers.load_model(str(local), return_type="components")
+        save_model(parts["model"], parts["tokenizer"], out)
+    return str(out)
 
 
 def ensure_experiment(c: "mlflow.MlflowClient", name: str) -> str:

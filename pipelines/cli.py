@@ -1,9 +1,13 @@
-"""`kfp-grpo`: run the pipeline locally, compile it, submit or schedule it on KFP, promote, run a stage."""
+"""`kfp-grpo`: run the pipeline locally, compile it, submit or schedule it on KFP, promote, run a stage.
+
+Every command prints one `error: ...` line and exits 2 on bad input (config, arguments,
+files), 1 when a run or a remote endpoint fails; `--output json` prints a machine-readable
+result instead of text.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import shlex
 import sys
@@ -13,6 +17,7 @@ from typing import Any, Sequence
 import yaml
 
 from components.config import STAGES, Config, ConfigError, load_config, set_dotted
+from components.stage_cli import HelpFormatter
 from pipelines.local import PipelineFailed
 
 
@@ -30,6 +35,11 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (default: the embedded pipelines/configs/tiny.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one config value, e.g. --set grpo.beta=0.02 (repeatable)")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", choices=["text", "json"], default="text",
+                   help="print the result as text or as one JSON object (for scripts)")
 
 
 def _add_init(p: argparse.ArgumentParser) -> None:
@@ -54,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     try:
-        summary = run_local(cfg, Path(args.workdir), _init_args(args, cfg), args.resume or "")
+        summary = run_local(cfg, Path(args.workdir), _init_args(args, cfg), args.resume or "", args.verbose)
     except PipelineFailed as err:
         if err.parent_run_id:  # the same command, resuming the run: completed tasks are not run again
             argv, skip = [], False
@@ -66,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             command = " ".join(shlex.quote(a) for a in ["kfp-grpo", *argv, "--resume", err.parent_run_id])
             raise PipelineFailed(f"{err}; resume with: {command}", err.parent_run_id) from None
         raise
-    print(json.dumps(summary, indent=2) if args.json else summary["text"])
+    print(json.dumps(summary, indent=2) if args.output == "json" else summary["text"])
     return 0
 
 
@@ -111,13 +121,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     try:
-        run_id = submit(cfg, host=args.host, token=args.token, experiment=args.experiment, run_name=args.run_name,
-                        tracking_uri=args.tracking_uri, namespace=args.namespace,
-                        service_account=args.service_account, **_init_args(args, cfg))
+        run = submit(cfg, host=args.host, token=args.token, experiment=args.experiment, run_name=args.run_name,
+                     tracking_uri=args.tracking_uri, namespace=args.namespace, service_account=args.service_account,
+                     wait_s=args.timeout if args.wait else None, **_init_args(args, cfg))
     except _kfp_errors() as err:
         return _kfp_failed(err, args.host)
-    print(f"submitted run {run_id} to {args.host or '$KF_PIPELINES_ENDPOINT'}")
-    return 0
+    if args.output == "json":
+        print(json.dumps(run))
+    else:
+        print(f"submitted run {run['run_id']}: {run['url']}")
+        if args.wait:
+            print(f"run {run['run_id']} finished: {run['state']}")
+    return 0 if not args.wait or run["state"] == "SUCCEEDED" else 1
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -131,19 +146,35 @@ def cmd_schedule(args: argparse.Namespace) -> int:
                           service_account=args.service_account, from_champion=not args.from_scratch)
     except _kfp_errors() as err:
         return _kfp_failed(err, args.host)
-    print(f"created recurring run {job_id} ({args.cron}, max concurrency {args.max_concurrency}, no catch-up)")
+    if args.output == "json":
+        print(json.dumps({"recurring_run_id": job_id, "cron": args.cron, "max_concurrency": args.max_concurrency}))
+    else:
+        print(f"created recurring run {job_id} ({args.cron}, max concurrency {args.max_concurrency}, no catch-up)")
     return 0
 
 
 def cmd_promote(args: argparse.Namespace, rest: list[str]) -> int:
     from components import promote
 
-    return promote.main(rest)
+    return promote.main(rest, prog="kfp-grpo promote")
+
+
+def stage_summaries() -> dict[str, str]:
+    """Each stage's one-line description (its module docstring's first line, read without importing it)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "components"
+    return {s: ast.get_docstring(ast.parse((root / f"{s}.py").read_text(encoding="utf-8"))).splitlines()[0]
+            .removeprefix("Stage: ") for s in STAGES}
 
 
 def cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
-    module = importlib.import_module(f"components.{args.name}")
-    return module.main(rest)
+    from components import evaluate, grpo_update, prepare_data, promote, reward_model, rm_replay, rollout, sft
+
+    mains = {"prepare_data": prepare_data.main, "sft": sft.main, "reward_model": reward_model.main,
+             "rollout": rollout.main, "grpo_update": grpo_update.main, "rm_replay": rm_replay.main,
+             "evaluate": evaluate.main, "promote": promote.main}
+    return mains[args.name](rest)
 
 
 def _add_kfp(p: argparse.ArgumentParser) -> None:
@@ -151,59 +182,81 @@ def _add_kfp(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="bearer token (default: kfp.Client's own auth, "
                                    "e.g. $KF_PIPELINES_SA_TOKEN_PATH in a cluster)")
     p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user KFP)")
-    p.add_argument("--experiment", default="kfp-grpo", help="KFP experiment name")
+    p.add_argument("--experiment", default="kfp-grpo", help="KFP experiment the run is filed under")
     p.add_argument("--tracking-uri", default="", help="MLflow URI passed to the run (default: from the "
                                                       "cluster's kfp-grpo-config ConfigMap)")
     p.add_argument("--service-account", default=None, help="service account for the run's pods")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kfp-grpo", description="Iterative GRPO fine-tuning as a Kubeflow pipeline.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from importlib.metadata import version
 
-    r = sub.add_parser("run", help="run the pipeline locally with kfp.local (embedded MLflow, CPU)")
+    formatter = HelpFormatter
+    p = argparse.ArgumentParser(prog="kfp-grpo", description="Iterative GRPO fine-tuning as a Kubeflow pipeline, "
+                                "tracked in MLflow.", formatter_class=formatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {version('kfp-grpo')}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the pipeline locally with kfp.local (embedded MLflow, CPU)",
+                       formatter_class=formatter)
     _add_config(r)
     _add_init(r)
     r.add_argument("--workdir", default="kfp-grpo-runs", help="local outputs + embedded MLflow store")
-    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_output(r)
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="stream every task's output to the terminal too (it always goes to <workdir>/logs/)")
     r.add_argument("--resume", metavar="MLFLOW_RUN_ID",
                    help="continue an interrupted run (same --workdir, config and --set): completed tasks are skipped")
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("compile", help="write the pipeline IR YAML for a config")
+    c = sub.add_parser("compile", help="write the pipeline IR YAML for a config", formatter_class=formatter)
     _add_config(c)
     c.add_argument("-o", "--output", help="output file (default: <name>.yaml)")
     c.set_defaults(func=cmd_compile)
 
-    s = sub.add_parser("submit", help="send one run to a KFP endpoint")
+    s = sub.add_parser("submit", help="send one run to a KFP endpoint", formatter_class=formatter)
     _add_config(s)
     _add_kfp(s)
     _add_init(s)
-    s.add_argument("--run-name", default=None)
+    s.add_argument("--run-name", default=None, help="the run's display name in KFP (default: the config's name)")
+    s.add_argument("--wait", action="store_true", help="wait for the run to finish; the exit code is its outcome "
+                                                       "(0 SUCCEEDED, 1 otherwise)")
+    s.add_argument("--timeout", type=int, default=24 * 3600, help="--wait: give up after this many seconds")
+    _add_output(s)
     s.set_defaults(func=cmd_submit)
 
-    sc = sub.add_parser("schedule", help="create a recurring run that continues from the champion")
+    sc = sub.add_parser("schedule", help="create a recurring run that continues from the champion",
+                        formatter_class=formatter)
     _add_config(sc)
     _add_kfp(sc)
-    sc.add_argument("--cron", default="0 0 2 * * *", help="6-field cron, seconds first (default: daily 02:00)")
-    sc.add_argument("--job-name", default=None)
-    sc.add_argument("--max-concurrency", type=int, default=1)
+    sc.add_argument("--cron", default="0 0 2 * * *", help="6-field cron, seconds first (the default: daily 02:00)")
+    sc.add_argument("--job-name", default=None, help="the recurring run's name in KFP (default: <config name>-retrain)")
+    sc.add_argument("--max-concurrency", type=int, default=1, help="runs of the schedule allowed at the same time")
     sc.add_argument("--from-scratch", action="store_true", help="each run starts from SFT, not the champion")
+    _add_output(sc)
     sc.set_defaults(func=cmd_schedule)
 
     pr = sub.add_parser("promote", help="register a model and run the promotion gate by hand", add_help=False)
     pr.set_defaults(func=cmd_promote, passthrough=True)
 
-    st = sub.add_parser("stage", help="run one stage (what a container runs); see `kfp-grpo stage NAME --help`",
-                        add_help=False)
-    st.add_argument("name", choices=[s for s in STAGES])
+    summaries = stage_summaries()
+    st = sub.add_parser("stage", help="run one stage (what a pipeline task runs); `kfp-grpo stage NAME --help`",
+                        add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="kfp-grpo stage NAME [stage options]",
+                        description="Run one stage of the pipeline by hand, on paths. Stages:\n" + "\n".join(
+                            f"  {name:<13} {text}" for name, text in summaries.items()))
+    st.add_argument("name", choices=list(STAGES), metavar="NAME")
     st.set_defaults(func=cmd_stage, passthrough=True)
+    p.stage_parser = st  # `kfp-grpo stage [--help]` prints its list of stages
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
+    if argv[:1] == ["stage"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):  # the stage list
+        p.stage_parser.print_help(sys.stdout if len(argv) > 1 else sys.stderr)
+        return 0 if len(argv) > 1 else 2
     args, rest = p.parse_known_args(argv)
     args.argv = argv
     try:

@@ -13,6 +13,9 @@ from pathlib import Path
 from components.config import Config
 
 
+POLL_S = 10  # `submit --wait`: seconds between two looks at the run's state
+
+
 def champion_uris(cfg: Config) -> dict[str, str]:
     """Pipeline arguments that start from the registered champions (if any exist at run time)."""
     prefix = cfg.promote.model_prefix
@@ -50,10 +53,30 @@ def _arguments(tracking_uri: str, init_policy_uri: str = "", init_reward_uri: st
     return {"tracking_uri": tracking_uri, "init_policy_uri": init_policy_uri, "init_reward_uri": init_reward_uri}
 
 
+def _quiet(fn):
+    """kfp.Client prints "Experiment details"/"Run details" links to stdout: send them to stderr, so
+    stdout carries only kfp-grpo's own result (`--output json` stays parseable)."""
+    import contextlib
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_quiet
 def submit(cfg: Config, host: str | None = None, token: str | None = None, experiment: str = "kfp-grpo",
            run_name: str | None = None, tracking_uri: str = "", namespace: str | None = None,
-           service_account: str | None = None, init_policy_uri: str = "", init_reward_uri: str = "") -> str:
-    """Compile `cfg` and create one run on the KFP endpoint; returns the run id."""
+           service_account: str | None = None, init_policy_uri: str = "", init_reward_uri: str = "",
+           wait_s: int | None = None) -> dict[str, str]:
+    """Compile `cfg` and create one run on the KFP endpoint.
+
+    Returns {"run_id", "url"} (the run's page in the KFP UI), and with `wait_s` (seconds) also
+    "state", the run's final state (SUCCEEDED, FAILED, ...) after waiting for it.
+    """
     from pipelines.pipeline import compile_pipeline
 
     c = _client(host, token, namespace)
@@ -63,9 +86,16 @@ def submit(cfg: Config, host: str | None = None, token: str | None = None, exper
             package, arguments=_arguments(tracking_uri, init_policy_uri, init_reward_uri),
             run_name=run_name or cfg.name, experiment_name=experiment, namespace=namespace,
             enable_caching=False, service_account=service_account or cfg.cluster.service_account)
-    return result.run_id
+    run = {"run_id": result.run_id, "url": f"{c._get_url_prefix()}/#/runs/details/{result.run_id}"}  # as kfp links it
+    if wait_s is not None:
+        try:
+            run["state"] = str(c.wait_for_run_completion(result.run_id, timeout=wait_s, sleep_duration=POLL_S).state)
+        except TimeoutError:
+            run["state"] = f"STILL RUNNING after {wait_s} s"
+    return run
 
 
+@_quiet
 def schedule(cfg: Config, host: str | None = None, token: str | None = None, experiment: str = "kfp-grpo",
              cron: str = "0 0 2 * * *", job_name: str | None = None, max_concurrency: int = 1,
              tracking_uri: str = "", namespace: str | None = None, service_account: str | None = None,

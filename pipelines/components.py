@@ -17,11 +17,18 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from components.config import Config
 
 
-def start_tracking(config: str, tracking_uri: str, init_policy_uri: str, resume_run_id: str = "") -> str:
-    """Open the pipeline's parent MLflow run (or reopen `resume_run_id`); returns its id."""
+def start_tracking(config: str, settings: dict, tracking_uri: str, init_policy_uri: str,
+                   resume_run_id: str = "") -> NamedTuple("Outputs", [("parent_run_id", str), ("config", str)]):
+    """Apply the run-time settings to the compiled config (validated), open the pipeline's parent
+    MLflow run (or reopen `resume_run_id`); returns its id and the run's config for every other task."""
+    from collections import namedtuple
+
+    from components.config import config_from_json, with_run_time_settings
     from pipelines.runtime import start_parent_run
 
-    return start_parent_run(config, tracking_uri, init_policy_uri, resume_run_id)
+    effective = with_run_time_settings(config_from_json(config), settings).to_json()
+    run_id = start_parent_run(effective, tracking_uri, init_policy_uri, resume_run_id)
+    return namedtuple("Outputs", ["parent_run_id", "config"])(run_id, effective)
 
 
 def prepare_data(config: str, parent_run_id: str, tracking_uri: str, name: str, train: Output[Dataset],

@@ -5,8 +5,10 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
+import logging
 import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Iterator
 
 from components import tracking
 from components.config import Config
+from pipelines.progress import TaskLog
 
 
 def embedded_tracking_uri(workdir: Path) -> str:
@@ -111,11 +114,34 @@ def print_restored() -> Iterator[None]:
         builtins.print = original
 
 
-def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: str = "") -> dict:
+def task_names(pipeline) -> dict[str, tuple[str, str, int]]:
+    """kfp.local's name of each task of a compiled pipeline (its component's name) → (the task's name,
+    its stage, how often it runs: a ParallelFor runs its body once per item)."""
+    spec = pipeline.pipeline_spec
+    out: dict[str, tuple[str, str, int]] = {}
+
+    def walk(dag, runs: int) -> None:
+        for task in dag.tasks.values():
+            component = task.component_ref.name
+            if spec.components[component].HasField("dag"):
+                items = json.loads(task.parameter_iterator.items.raw) if task.HasField("parameter_iterator") else [0]
+                walk(spec.components[component].dag, runs * len(items))
+            else:
+                name = component.removeprefix("comp-")
+                out[name] = (task.task_info.name, re.sub(r"-\d+$", "", name).replace("-", "_"), runs)
+
+    walk(spec.root.dag, 1)
+    return out
+
+
+def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: str = "",
+              verbose: bool = False) -> dict:
     """Compile-and-run the pipeline with kfp.local's SubprocessRunner; return a summary.
 
     Task outputs are cached under `<workdir>/cache`; `resume_run_id` (an interrupted run's
     MLflow parent run, same workdir and config) reruns only the tasks that did not complete.
+    The terminal gets one line per task (`pipelines.progress`); each task's output goes to
+    `<workdir>/logs/<time>/<task>.log` (`verbose`: to the terminal as well).
     """
     from kfp import local
 
@@ -123,6 +149,7 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
     from pipelines.runtime import reopen_parent_run
 
     workdir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial MLflow database tables..."
     uri = prepare_tracking(cfg, workdir)
     if resume_run_id:
         reopen_parent_run(tracking.client(uri), cfg, resume_run_id, reopen=False)  # a clear error before any task
@@ -132,25 +159,40 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
     keep_upstream_parameters_in_loops()  # rollout.shards > 1: the shards need the parent run id
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str((workdir / "kfp").resolve()),
                raise_on_error=True, enable_caching=True, cache_root=str((workdir / "cache").resolve()))
-    print(f"kfp-grpo: running pipeline '{cfg.name}' locally ({cfg.loop.iterations} iterations × "
-          f"{cfg.loop.steps_per_iteration} rounds); MLflow at {uri}", flush=True)
+    pipeline = build_pipeline(cfg, resume_run_id=resume_run_id, caching=True)
+    tasks = task_names(pipeline)
+    logdir = workdir.resolve() / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    print(f"kfp-grpo: running pipeline '{cfg.name}' locally: {sum(r for *_, r in tasks.values())} tasks "
+          f"({cfg.loop.iterations} iterations × {cfg.loop.steps_per_iteration} rounds); MLflow at "
+          f"{tracking.redact(uri)}; task logs in {logdir}", flush=True)
+    sink = TaskLog(tasks, logdir, sys.stdout, verbose, metrics_file=lambda name: _newest(workdir / "kfp", name))
     start, started_ms = time.perf_counter(), int(time.time() * 1000)
     try:
-        with print_restored():
-            task = build_pipeline(cfg, resume_run_id=resume_run_id, caching=True)(tracking_uri=uri, **init)
-    except RuntimeError as err:  # kfp.local: a task failed (its log is above)
+        with print_restored(), contextlib.redirect_stdout(sink):
+            task = pipeline(tracking_uri=uri, **init)
+    except RuntimeError as err:  # kfp.local: a task failed (the tail of its log is above)
+        sink.close_logs()
         failed, parent = mark_failed_runs(uri, cfg.tracking.experiment, started_ms, resume_run_id)
         reason = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(err).split()))  # drop kfp's colour codes
-        raise PipelineFailed(f"{reason} — its log is above; MLflow run(s) {failed} marked "
-                             f"FAILED; outputs so far in {workdir.resolve()}", parent) from None
+        raise PipelineFailed(f"{reason}; MLflow run(s) {failed} marked FAILED; task logs in {logdir}; "
+                             f"outputs so far in {workdir.resolve()}", parent) from None
     except KeyboardInterrupt:
+        sink.close_logs()
         _, parent = mark_failed_runs(uri, cfg.tracking.experiment, started_ms, resume_run_id, "KILLED")
         raise PipelineFailed(f"interrupted; outputs so far in {workdir.resolve()}", parent) from None
+    sink.close_logs()
     seconds = time.perf_counter() - start
     decision = json.loads(task.output)
-    summary = {**decision, "seconds": round(seconds, 1), "tracking_uri": uri, "workdir": str(workdir.resolve())}
+    summary = {**decision, "seconds": round(seconds, 1), "tracking_uri": uri, "workdir": str(workdir.resolve()),
+               "logs": str(logdir)}
     summary["text"] = format_summary(summary, cfg)
     return summary
+
+
+def _newest(root: Path, kfp_name: str) -> Path | None:
+    """The Metrics file task `kfp_name` wrote in the newest pipeline run under `root`."""
+    found = list(root.glob(f"*/{kfp_name}/metrics"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def format_summary(s: dict, cfg: Config) -> str:

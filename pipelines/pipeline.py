@@ -8,11 +8,12 @@ state). Cluster placement comes from the config through kfp-kubernetes; local ru
 
 
 import contextvars
-from typing import Callable
+import inspect
+from typing import Any, Callable
 
 from kfp import dsl, kubernetes
 
-from components.config import Config, StageResources
+from components.config import Config, StageResources, run_time_parameters
 from pipelines.components import make_components
 from pipelines.plan import Ref, algorithm1, producers
 from pipelines.trainer_job import launcher_placement
@@ -88,13 +89,14 @@ def _build_pipeline(cfg: Config, resume_run_id: str) -> Callable:
     earlier = {ref.task: prev.task for t in tasks for value in t.inputs.values() if isinstance(value, tuple)
                for prev, ref in zip(value, value[1:])}
 
-    @dsl.pipeline(name=cfg.name, description="Iterative GRPO: SFT → RM → I × (M × (rollout → update) → RM replay "
-                                             "→ eval) → promote, tracked in MLflow")
-    def grpo_pipeline(tracking_uri: str = "", init_policy_uri: str = "", init_reward_uri: str = "") -> str:
+    def grpo_pipeline(tracking_uri: str = "", init_policy_uri: str = "", init_reward_uri: str = "",
+                      **settings: Any) -> str:
         resume = {"resume_run_id": resume_run_id} if resume_run_id else {}
-        start = place(ops.start_tracking(config=config, tracking_uri=tracking_uri, init_policy_uri=init_policy_uri,
-                                         **resume), cfg, "prepare_data", "start-tracking")
-        shared = dict(config=config, parent_run_id=start.output, tracking_uri=tracking_uri)
+        start = place(ops.start_tracking(config=config, settings=settings, tracking_uri=tracking_uri,
+                                         init_policy_uri=init_policy_uri, **resume), cfg, "prepare_data",
+                      "start-tracking")
+        shared = dict(config=start.outputs["config"], parent_run_id=start.outputs["parent_run_id"],
+                      tracking_uri=tracking_uri)
         init = {"sft": {"init_policy_uri": init_policy_uri}, "reward_model": {"init_reward_uri": init_reward_uri}}
         made: dict[str, dsl.PipelineTask] = {}
 
@@ -118,7 +120,29 @@ def _build_pipeline(cfg: Config, resume_run_id: str) -> Callable:
             made[t.name] = task
         return made[tasks[-1].name].outputs["Output"]
 
-    return grpo_pipeline
+    return dsl.pipeline(name=cfg.name, description="Iterative GRPO: SFT → RM → I × (M × (rollout → update) → RM "
+                                                   "replay → eval) → promote, tracked in MLflow")(
+        with_parameters(grpo_pipeline, run_time_parameters(cfg)))
+
+
+def with_parameters(body: Callable, settings: dict[str, tuple[type, Any]]) -> Callable:
+    """`body` with the run-time settings as named, typed pipeline parameters (defaults: the compiled
+    config's values), which KFP shows in its "Create run" form; `body` gets them as **settings."""
+    fixed = ("tracking_uri", "init_policy_uri", "init_reward_uri")
+
+    def pipeline(*args: Any, **kwargs: Any) -> str:
+        kwargs.update(zip(fixed + tuple(settings), args))
+        return body(**{k: kwargs.pop(k) for k in fixed if k in kwargs}, **kwargs)
+
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str)
+              for name in fixed]
+    params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+               for name, (kind, default) in settings.items()]
+    pipeline.__signature__ = inspect.Signature(params, return_annotation=str)
+    pipeline.__annotations__ = {p.name: p.annotation for p in params} | {"return": str}
+    pipeline.__name__ = pipeline.__qualname__ = "grpo_pipeline"
+    pipeline.__doc__ = body.__doc__
+    return pipeline
 
 
 def _placement(cfg: Config, stage: str) -> str:

@@ -183,9 +183,12 @@ def start_parent_run(config_json: str, tracking_uri: str, init_policy_uri: str =
         if os.environ.get(var):
             tags[f"kfp_grpo.{var.lower()}"] = os.environ[var]
     run = c.create_run(exp_id, run_name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+    from mlflow.entities import Param
+
     flat = pd.json_normalize(cfg.model_dump(mode="json", exclude={"cluster"}), sep=".").iloc[0].to_dict()
-    for k, v in flat.items():
-        c.log_param(run.info.run_id, k, str(v)[:6000])
+    params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run.info.run_id, params=params[i:i + 100])
     print(f"[tracking] MLflow parent run {run.info.run_id} in experiment '{cfg.tracking.experiment}' "
           f"(if interrupted, resume locally with: kfp-grpo run <same options> --resume {run.info.run_id})", flush=True)
     return run.info.run_id
@@ -236,7 +239,7 @@ def carry_buffer(cfg: Config, uri: str, train_path: str, rm_dir: str, data_out: 
     from pathlib import Path
 
     from components.io import read_parquet, write_parquet
-    from components.promote import BUFFER_FILE
+    from components.tracking import BUFFER_FILE
     from components.reward_model import synthetic_rm_data
 
     buffer = Path(rm_dir) / BUFFER_FILE

@@ -103,12 +103,14 @@ def mlflow_uri(tmp_path) -> str:
 def _isolated_tracking_uri(monkeypatch):
     """Every test starts without $MLFLOW_TRACKING_URI and leaves none behind: the task wrapper and
     `tracking.client` set it (and MLflow's process-wide URI) for the rest of a task's process."""
+    from mlflow.tracking import fluent
     from mlflow.tracking._tracking_service import utils
 
     from components import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(utils, "_tracking_uri", None)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
     monkeypatch.setattr(tracking, "_REACHABLE", set())  # the once-per-process reachability probe
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)

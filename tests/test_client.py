@@ -34,10 +34,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from components.config import load_config
+from components.config import load_config, run_time_parameters
 from pipelines import cli
 from pipelines.client import schedule, submit
 from pipelines.pipeline import compile_pipeline
+from pipelines.plan import algorithm1
 from tests.conftest import send_json
 
 API = "/apis/v2beta1"
@@ -49,7 +50,7 @@ KFP_VARS = ("KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT", "KF_PIPELINES_D
             "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME", "KF_PIPELINES_SA_TOKEN_PATH",
             "KF_PIPELINES_IAP_OAUTH2_CLIENT_ID", "KF_PIPELINES_APP_OAUTH2_CLIENT_ID",
             "KF_PIPELINES_APP_OAUTH2_CLIENT_SECRET")
-PARAMS = {"tracking_uri", "init_policy_uri", "init_reward_uri"}
+PARAMS = {"tracking_uri", "init_policy_uri", "init_reward_uri"}  # + the run-time settings (pipeline.py)
 CHAMPION = {"init_policy_uri": "models:/kfp-grpo-policy@champion",
             "init_reward_uri": "models:/kfp-grpo-reward@champion"}
 SCRATCH = {"init_policy_uri": "", "init_reward_uri": ""}
@@ -103,6 +104,7 @@ class FakeKFP:
             ("GET", rf"{API}/experiments", self.list_experiments),
             ("POST", rf"{API}/experiments", self.create_experiment),
             ("POST", rf"{API}/runs", self.create_run),
+            ("GET", rf"{API}/runs/([^/:]+)", self.get_run),
             ("GET", rf"{API}/pipelines", self.list_pipelines),
             ("POST", rf"{API}/pipelines/upload", self.upload_pipeline),
             ("POST", rf"{API}/pipelines/upload_version", self.upload_pipeline_version),
@@ -207,6 +209,15 @@ class FakeKFP:
         rid, at = self._new("run")
         self.runs[rid] = {**body, "run_id": rid, "created_at": at, "state": "PENDING", "storage_state": "AVAILABLE"}
         return 200, self.runs[rid]
+
+    final_state = "SUCCEEDED"  # what a run reports from its second poll on (`submit --wait`)
+
+    def get_run(self, req, rid):
+        if rid not in self.runs:
+            return _error(404, 5, f"run {rid!r} not found")
+        run = self.runs[rid]
+        run["state"] = "RUNNING" if run["state"] == "PENDING" else self.final_state
+        return 200, run
 
     def list_pipelines(self, req):
         name = self._display_name_filter(req)
@@ -336,14 +347,11 @@ def compiled(tiny_cfg, tmp_path_factory) -> list[dict]:
 
 def assert_is_our_pipeline(spec: dict) -> None:
     assert spec["pipelineInfo"]["name"] == "kfp-grpo-tiny"
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == PARAMS
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == PARAMS | set(run_time_parameters(load_config()))
     tasks = spec["root"]["dag"]["tasks"]
     names = {t["taskInfo"]["name"] for t in tasks.values()}
-    # tiny.yaml: 2 iterations × 4 rounds, unrolled at compile time
-    assert {"start-tracking", "prepare-data", "sft", "reward-model", "evaluate-sft", "promote"} <= names
-    assert {f"grpo-update-i{i}-m{m}" for i in range(2) for m in range(4)} <= names
-    assert {f"rollout-i{i}-m{m}" for i in range(2) for m in range(4)} <= names
-    assert {"rm-replay-i0", "rm-replay-i1", "evaluate-i0", "evaluate-i1"} <= names
+    # the plan of tiny.yaml, unrolled at compile time, plus start-tracking
+    assert names == {t.name for t in algorithm1(load_config())} | {"start-tracking"}
     assert not [k for k, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")], "caching must be off"
 
 
@@ -367,8 +375,10 @@ def no_secret_anywhere(server: FakeKFP) -> None:
 # --------------------------------------------------------------------------- submit
 
 def test_submit_creates_experiment_and_run_with_the_compiled_pipeline(fake, tiny_cfg, compiled):
-    run_id = submit(tiny_cfg, host=fake.host, token=TOKEN, experiment="grpo-exp",
-                    tracking_uri="http://mlflow.kfp-grpo.svc:5000")
+    run = submit(tiny_cfg, host=fake.host, token=TOKEN, experiment="grpo-exp",
+                 tracking_uri="http://mlflow.kfp-grpo.svc:5000")
+    run_id = run["run_id"]
+    assert run == {"run_id": run_id, "url": f"{fake.host}/#/runs/details/{run_id}"}  # the KFP UI's run page
 
     assert fake.routes_called() == [f"GET {API}/healthz", f"GET {API}/experiments",
                                     f"POST {API}/experiments", f"POST {API}/runs"]
@@ -404,7 +414,21 @@ def test_submit_cli_from_champion_reuses_the_experiment(fake, compiled, capsys):
     assert body["service_account"] == "kfp-grpo-pipeline"
     assert_run_spec(body["pipeline_spec"], compiled)
     (run_id,) = fake.runs
-    assert f"submitted run {run_id} to {fake.host}" in capsys.readouterr().out
+    assert f"submitted run {run_id}: {fake.host}/#/runs/details/{run_id}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("final, code", [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_submit_wait_exits_with_the_runs_outcome(fake, capsys, monkeypatch, final, code):
+    from pipelines import client
+
+    monkeypatch.setattr(client, "POLL_S", 0.1)
+    fake.final_state = final
+    rc = cli.main(["submit", "--host", fake.host, "--token", TOKEN, "--wait", "--output", "json"])
+    assert rc == code
+    (run_id,) = fake.runs
+    result = json.loads(capsys.readouterr().out)
+    assert result == {"run_id": run_id, "url": f"{fake.host}/#/runs/details/{run_id}", "state": final}
+    assert fake.routes_called().count(f"GET {API}/runs/{run_id}") == 2  # polled until it finished
 
 
 def test_submit_cli_namespace_and_service_account(fake):

@@ -7,6 +7,7 @@ subprocesses (SubprocessRunner), tracked in a real MLflow SQLite store.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -27,9 +28,10 @@ def local_run(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = cli.main(["run", "--workdir", str(workdir), "--json"])
+        code = cli.main(["run", "--workdir", str(workdir), "--output", "json"])
     text = buf.getvalue()
     assert code == 0, text[-3000:]
+    (workdir / "stdout.txt").write_text(text)
     summary = json.loads(text[text.rindex("\n{") + 1:] if "\n{" in text else text[text.index("{"):])
     out.write_text(json.dumps(summary))
     return workdir, summary
@@ -50,6 +52,25 @@ def test_local_run_promotes_a_champion_better_than_sft(local_run):
     assert acc >= summary["start_accuracy"] + LEARNING_MARGIN, "GRPO must beat its SFT start on held-out problems"
     assert float(champ.tags["start_accuracy"]) == pytest.approx(summary["start_accuracy"], abs=1e-4)
     assert reward.tags["policy_version"] == str(champ.version)
+
+
+def test_local_run_prints_one_line_per_task_and_logs_each_task_to_its_file(local_run):
+    """The terminal gets ≤ 100 lines: a counter line per task with its time, metrics and the ETA, then the
+    summary; each task's stream (kfp.local's and the stage's) is in <workdir>/logs/<time>/<task>.log."""
+    workdir, summary = local_run
+    text = (workdir / "stdout.txt").read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 100, f"{len(lines)} lines"
+    names = [t.name for t in algorithm1(load_config())] + ["start-tracking"]
+    counted = [line for line in lines if line.startswith("[")]
+    assert len(counted) == len(names)
+    assert counted[-1].startswith(f"[{len(names)}/{len(names)}] promote")
+    assert all("ETA" in line for line in counted[:-1])
+    assert any("held-out accuracy" in line for line in counted if "evaluate-" in line)
+    assert "Executing task" not in text and "executor_input" not in text  # kfp.local's stream is in the files
+    logs = Path(summary["logs"])
+    assert sorted(p.stem for p in logs.glob("*.log") if p.stem != "run") == sorted(names)
+    assert "[sft] step 2000/2000" in (logs / "sft.log").read_text()
 
 
 def test_local_run_tracks_parent_and_nested_runs(local_run):
@@ -98,3 +119,23 @@ def test_local_run_artifacts_are_standard_hf_dirs(local_run, tmp_path):
 
     assert "optimizer.pt" not in os.listdir(policy)
     assert "replay_buffer.parquet" in os.listdir(rm)
+
+
+def test_a_bad_run_time_setting_fails_the_first_task(tmp_path, capsys):
+    """A run created with a bad value for a run-time parameter (as from the KFP "Create run" form) fails in
+    start-tracking, in the run's first seconds, naming the key — before any data, model or MLflow run."""
+    from kfp import local
+
+    from pipelines.local import prepare_tracking
+    from pipelines.pipeline import build_pipeline
+
+    cfg = load_config()
+    uri = prepare_tracking(cfg, tmp_path)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
+               raise_on_error=True)
+    with pytest.raises(RuntimeError, match="start-tracking"):
+        build_pipeline(cfg)(tracking_uri=uri, grpo_beta=-1.0)
+    assert "grpo.beta: Input should be greater than or equal to 0" in capsys.readouterr().out
+    c = mlflow.MlflowClient(uri)
+    assert c.search_runs([c.get_experiment_by_name(cfg.tracking.experiment).experiment_id]) == []
+    assert not list((tmp_path / "kfp").glob("*/prepare-data"))

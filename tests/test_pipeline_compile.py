@@ -215,8 +215,8 @@ def test_rounds_are_strictly_sequential(loop22):
 
 def test_pipeline_parameters_default_to_empty(loop22):
     params = loop22.ir["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {"tracking_uri", "init_policy_uri", "init_reward_uri"}
-    for p in params.values():
+    for name in ("tracking_uri", "init_policy_uri", "init_reward_uri"):
+        p = params[name]
         assert p["parameterType"] == "STRING" and p["defaultValue"] == "" and p["isOptional"]
     # and they reach the tasks that use them
     assert loop22.parameter("start-tracking", "tracking_uri") == {"componentInputParameter": "tracking_uri"}
@@ -393,3 +393,42 @@ def test_rollout_shards_compile_to_parallel_for_and_gather(tmp_path):
     assert c.artifact("gather-rollouts-i0-m1", "earlier_rollouts") == ("gather-rollouts-i0-m0", "iteration_rollouts")
     assert "grpo-update-i0-m1" in c.deps("rm-replay-i0")
     assert c.artifact("promote", "policy") == ("grpo-update-i0-m1", "new_policy")
+
+
+# --------------------------------------------------------------------------- run-time parameters
+def test_hyperparameters_are_pipeline_parameters_with_the_compiled_defaults(loop22, tmp_path):
+    """What does not change the DAG's shape can be set when a run is created (KFP "Create run" form):
+    one typed pipeline parameter per run-time key, defaulting to the compiled config's value; the
+    start-tracking task applies them to the config every other task reads."""
+    from components.config import RUN_TIME_KEYS, run_time_parameters
+
+    cfg = fast_config(loop={"iterations": 2, "steps_per_iteration": 2})
+    params = loop22.ir["root"]["inputDefinitions"]["parameters"]
+    expected = run_time_parameters(cfg)
+    assert set(params) == set(expected) | {"tracking_uri", "init_policy_uri", "init_reward_uri"}
+    assert len(expected) == len(RUN_TIME_KEYS)
+    kinds = {int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING", bool: "BOOLEAN"}
+    for name, (kind, default) in expected.items():
+        assert params[name]["parameterType"] == kinds[kind], name
+        assert params[name]["defaultValue"] == default, name
+    assert params["grpo_lr"]["defaultValue"] == cfg.grpo.lr and params["seed"]["defaultValue"] == cfg.seed
+    assert not {"loop_iterations", "loop_steps_per_iteration", "rollout_shards"} & set(params)  # compile-time
+    settings = loop22.parameter("start-tracking", "settings")["runtimeValue"]["constant"]
+    assert set(settings) == set(expected)
+    for name in loop22.root:
+        if name != "start-tracking":
+            src = loop22.parameter(name, "config")["taskOutputParameter"]
+            assert (loop22.display[src["producerTask"]], src["outputParameterKey"]) == ("start-tracking", "config")
+
+
+def test_run_time_settings_are_validated_by_the_schema():
+    from components.config import ConfigError, with_run_time_settings
+
+    cfg = fast_config()
+    # KFP hands pipeline parameters to the task as text
+    applied = with_run_time_settings(cfg, {"grpo_lr": "0.0005", "seed": "7.0", "grpo_loss_agg": "token"})
+    assert (applied.grpo.lr, applied.seed, applied.grpo.loss_agg) == (0.0005, 7, "token")
+    with pytest.raises(ConfigError, match=r"grpo\.beta: Input should be greater than or equal to 0"):
+        with_run_time_settings(cfg, {"grpo_beta": "-1"})
+    with pytest.raises(ConfigError, match="compile-time"):
+        with_run_time_settings(cfg, {"loop_iterations": "5"})

@@ -9,6 +9,7 @@ greedy evaluations of the tiny model.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import pytest
 import yaml
 
 from components import promote, tracking
-from components.promote import BUFFER_FILE, gate
+from components.promote import gate
+from components.tracking import BUFFER_FILE
 from tests.conftest import fast_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,9 +181,10 @@ def test_first_version_becomes_champion(pcfg, store_dir, trained_policy, trained
     assert c.get_run(run_id).data.metrics["promote/challenger_accuracy"] == pytest.approx(d["challenger_accuracy"])
     # artifacts live beside the SQLite database in tmp, not in the repository
     for name in ("t-policy", "t-reward"):
-        source = c.get_model_version(name, "1").source
-        assert source.startswith(store_dir.as_uri() + "/mlartifacts/"), source
-        assert not source.startswith(REPO.as_uri())
+        source = c.get_model_version(name, "1").source  # models:/<logged model id>
+        location = c.get_logged_model(source.removeprefix("models:/")).artifact_location
+        assert location.startswith(store_dir.as_uri() + "/mlartifacts/"), location
+        assert not location.startswith(REPO.as_uri())
 
 
 def test_worse_model_never_becomes_champion(pcfg, trained_policy, untrained_policy, trained_test_set, reward_dir):
@@ -303,3 +306,95 @@ def test_promote_cli_reports_bad_input(pcfg, tmp_path, trained_policy, capsys):
                "--test", str(tmp_path / "missing.parquet")])
     assert rc == 2
     assert "missing.parquet" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- MLflow-native models
+CHAT = {"messages": [{"role": "user", "content": "What is 37 + 48?"}], "max_tokens": 12}
+
+
+def test_registered_models_are_mlflow_models_of_the_run(pcfg, trained_policy, trained_test_set, reward_dir,
+                                                        buffer_file):
+    """The champion loads with `mlflow.pyfunc` and answers a chat prompt (transformers flavor, the
+    tokenizer's chat template); the reward model is a pyfunc that scores (prompt, completion)
+    rows; both are logged models of the pipeline's run (search_logged_models finds them)."""
+    import math
+
+    import mlflow
+
+    run_id, _ = do_promote(pcfg, trained_policy, trained_test_set, reward_dir, buffer_file, accuracy=0.5)
+    mlflow.set_tracking_uri(pcfg.tracking.tracking_uri)
+    answer = mlflow.pyfunc.load_model("models:/t-policy@champion").predict(CHAT)
+    text = answer[0]["choices"][0]["message"]["content"]
+    assert text.startswith("<answer>") and text.endswith("</answer>"), text  # the SFT'd fixture's format
+    scorer = mlflow.pyfunc.load_model("models:/t-reward@champion")
+    scores = scorer.predict(pd.DataFrame({"prompt": ["What is 37 + 48?"] * 2,
+                                          "completion": ["<answer>85</answer>", "<answer>75</answer>"]}))
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
+    c = tracking.client(pcfg.tracking.tracking_uri)
+    logged = mlflow.search_logged_models(experiment_ids=[c.get_run(run_id).info.experiment_id],
+                                         output_format="list")
+    assert sorted(m.name for m in logged) == ["policy", "reward_model"]
+    assert {m.source_run_id for m in logged} == {run_id}
+    assert c.get_model_version("t-policy", "1").source in {m.model_uri for m in logged}
+
+
+def test_mlflow_models_serve_answers_a_prompt(pcfg, trained_policy, trained_test_set, tmp_path):
+    """`mlflow models serve -m models:/t-policy@champion` on 127.0.0.1: POST a chat prompt, get a completion."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    do_promote(pcfg, trained_policy, trained_test_set, accuracy=0.5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": pcfg.tracking.tracking_uri}
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/t-policy@champion",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(CHAT).encode(),
+                                         headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
+    choices = reply[0]["choices"] if isinstance(reply, list) else reply["choices"]
+    assert choices[0]["message"]["content"].startswith("<answer>"), reply
+
+
+def test_a_run_from_the_champion_starts_from_its_weights_and_replay_history(pcfg, trained_policy, trained_test_set,
+                                                                            reward_dir, buffer_file, tmp_path):
+    """What `--from-champion` and `schedule` do: the sft and reward-model tasks resolve
+    `models:/<prefix>-policy@champion` / `-reward@champion` instead of training."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.client import champion_uris
+    from pipelines.runtime import reward_model_task, sft_task
+
+    config = pcfg.to_json()
+    uris = champion_uris(pcfg)
+    assert sft_task("sft", config, "", "", None, uris["init_policy_uri"], train=str(trained_test_set),
+                    model=str(tmp_path / "none")) is not None  # no champion yet: SFT trains from scratch
+    do_promote(pcfg, trained_policy, trained_test_set, reward_dir, buffer_file, accuracy=0.5)
+    assert sft_task("sft", config, "", "", None, uris["init_policy_uri"], train=str(trained_test_set),
+                    model=str(tmp_path / "policy")) == {}
+    start, original = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (tmp_path / "policy",
+                                                                                      trained_policy))
+    assert all(torch.equal(start[k], original[k]) for k in original)
+    assert reward_model_task("reward-model", config, "", "", None, uris["init_reward_uri"], str(trained_test_set),
+                             str(tmp_path / "policy"), str(tmp_path / "rm"), str(tmp_path / "history")) == {}
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "history"), pd.read_parquet(buffer_file))

@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import struct
+import tempfile
 import subprocess
 import sys
 import threading
@@ -407,7 +408,7 @@ from components import evaluate, promote, tracking
 from components.config import parse_config
 
 def fake_eval(cfg, test_path, policy_dir, *a, **k):   # each fake policy carries its held-out accuracy
-    acc = float((Path(policy_dir) / "ACCURACY").read_text())
+    acc = float(json.loads((Path(policy_dir) / "config.json").read_text())["test_heldout_accuracy"])
     barrier = os.environ.get("RACE_BARRIER")
     if barrier and Path(policy_dir).resolve() != Path(sys.argv[2]).resolve() and not hasattr(fake_eval, "done"):
         fake_eval.done = True        # the champion was read and evaluated: wait for the other racer
@@ -427,10 +428,15 @@ print("RESULT " + json.dumps(promote.run(cfg, sys.argv[2], sys.argv[3] or None, 
 
 
 def _fake_policy(d: Path, accuracy: float) -> Path:
-    d.mkdir(parents=True)
-    (d / "config.json").write_text("{}")
-    (d / "model.safetensors").write_bytes(os.urandom(4096))
-    (d / "ACCURACY").write_text(str(accuracy))
+    """A real tiny (untrained) policy whose config carries the held-out accuracy `fake_eval` reports
+    (the config travels through MLflow's transformers flavor with the weights)."""
+    from components.config import TinyModelConfig
+    from components.modeling import build_tiny_model, build_tiny_tokenizer, save_model
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16), tok)
+    model.config.test_heldout_accuracy = accuracy
+    save_model(model, tok, d)
     return d
 
 
@@ -562,7 +568,7 @@ def test_failed_run_names_the_resume_command_and_resume_checks_the_run(tmp_path,
 # =========================================================================== kill -9 + resume
 def _cli(config: Path, workdir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipelines.cli", "run", "--config", str(config), "--workdir", str(workdir),
-            "--json", *extra]
+            "--output", "json", *extra]
 
 
 def _frozen_config(path: Path) -> Path:
@@ -597,11 +603,13 @@ def _cached_task(entry: Path) -> str:
 def _champion_sha(workdir: Path) -> tuple[str, str]:
     import mlflow
 
-    c = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    from components import tracking
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     shas = []
     for name in ("kfp-grpo-policy", "kfp-grpo-reward"):
-        src = c.get_model_version_by_alias(name, "champion").source.removeprefix("file://")
-        shas.append(hashlib.sha256(Path(src, "model.safetensors").read_bytes()).hexdigest())
+        local = tracking.download_model(f"models:/{name}@champion", tempfile.mkdtemp(dir=workdir))
+        shas.append(hashlib.sha256(Path(local, "model.safetensors").read_bytes()).hexdigest())
     return shas[0], shas[1]
 
 

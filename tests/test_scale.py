@@ -826,7 +826,7 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys, mo
             "loop.steps_per_iteration=1", "data.num_train=200", "data.num_test=40", "rollout.prompts_per_step=8",
             "rollout.shards=2"]
     print_ = builtins.print
-    code = cli.main(["run", "--workdir", str(work), "--json", *sum([["--set", s] for s in sets], [])])
+    code = cli.main(["run", "--workdir", str(work), "--output", "json", *sum([["--set", s] for s in sets], [])])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert builtins.print is print_  # kfp.local's per-task print indentation does not outlive the run

@@ -25,7 +25,7 @@ from components import evaluate, grpo_update, prepare_data, reward_model, rm_rep
 from components.config import _deep_merge
 from components.io import MARKER, OutputPathError, atomic_path, write_json, write_parquet
 from components.modeling import initial_policy, load_policy, load_reward_model, save_model
-from components.tasks import extract_answer, format_reward, is_correct, normalize_number, reference_completion
+from components.rewards import extract_answer, format_reward, is_correct, normalize_number, reference_completion
 from tests.conftest import FAST, fast_config
 
 ROOT = Path(__file__).resolve().parent.parent

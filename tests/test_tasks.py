@@ -1,4 +1,5 @@
-"""Tests of components.tasks (tasks, loading, verifiers) and the prepare_data stage."""
+"""Tests of the task: the verifier and rewards (components.rewards), the arithmetic generator
+(components.arithmetic), prompt-data loading and splits (components.data), the prepare_data stage."""
 
 from __future__ import annotations
 
@@ -15,17 +16,15 @@ import pytest
 
 from components import prepare_data
 from components.config import ArithmeticConfig, Config, DataConfig
-from components.tasks import (
-    COLUMNS,
-    DatasetError,
+from components.arithmetic import COLUMNS, make_arithmetic
+from components.data import load_prompts, prepare_splits
+from components.errors import DatasetError
+from components.rewards import (
     correctness_reward,
     extract_answer,
     format_reward,
     is_correct,
-    load_prompts,
-    make_arithmetic,
     normalize_number,
-    prepare_splits,
     reference_completion,
     split_steps,
     wrong_answer,
