@@ -132,7 +132,9 @@ def analyse(tasks: list[dict], trace: Path, t_start: float, t_end: float) -> dic
             continue
         proc = max(t["t0"], min(start["proc_start"], start["t"]))
         b0, b1 = min(r["t0"] for r in body), max(r["t1"] for r in body)
-        model_io = _union([(r["t0"], r["t1"]) for r in spans if r["cat"] == "model_io"])
+        registry = [r for r in spans if r["cat"] == "registry"]  # logging a model loads it: counted here only
+        model_io = _union([(r["t0"], r["t1"]) for r in spans if r["cat"] == "model_io" and not any(
+            g["t0"] <= r["t0"] and r["t1"] <= g["t1"] for g in registry)])
         data_io = _union([(r["t0"], r["t1"]) for r in spans if r["cat"] in ("data_io", "registry")])
         stage = sum(r["t1"] - r["t0"] for r in stages)
         # module imports inside the task body (run_task imports components.<stage> lazily)

@@ -9,7 +9,7 @@ process imports it at interpreter start. It records, into
     stage     components.<stage>.run (outermost only)
     model_io  components.modeling.load_policy / load_reward_model / save_model
     data_io   components.io.read_parquet / write_parquet / write_json
-    registry  components.tracking.register_dir / download_model (MLflow artifact copies)
+    registry  components.tracking.log_policy / log_reward_model / download_model (MLflow model logging, copies)
     import    executing one of these modules (outermost only: includes torch/transformers imports)
 
 The functions are wrapped in their modules right after the module executes, so later
@@ -26,7 +26,7 @@ _TARGETS = {
                           "start_parent_run": "task", "promote_task": "task", "gather": "task", "accumulate": "task"},
     "components.modeling": {"load_policy": "model_io", "load_reward_model": "model_io", "save_model": "model_io"},
     "components.io": {"read_parquet": "data_io", "write_parquet": "data_io", "write_json": "data_io"},
-    "components.tracking": {"register_dir": "registry", "download_model": "registry"},
+    "components.tracking": {"log_policy": "registry", "log_reward_model": "registry", "download_model": "registry"},
     **{f"components.{s}": {"run": "stage"} for s in _STAGES},
 }
 
