@@ -205,25 +205,20 @@ def split_steps(completion: str) -> list[tuple[int, int]]:
 
 
 # =========================================================================== the weighted reward
-def rewards_for(cfg: Config, problems: list[str], completions: list[str], answers: list[str],
-                rm_dir: str | None) -> pd.DataFrame:
+def rewards_for(cfg: Config, completions: list[str], answers: list[str],
+                rm_scores: np.ndarray | None = None) -> pd.DataFrame:
     """Reward parts (`reward_rm`, `reward_correct`, `reward_format`) and their weighted sum
-    (`reward`) per completion; raises naming the first row if any is NaN/inf."""
+    (`reward`) per completion; `rm_scores`: the reward model's raw scores r_φ (none: 0). Raises
+    naming the first row if any reward is NaN/inf."""
     w = cfg.reward
     parts = pd.DataFrame({
         "reward_correct": [correctness_reward(c, a) for c, a in zip(completions, answers)],
         "reward_format": [format_reward(c) for c in completions],
     })
     parts["reward_rm"] = 0.0
-    if w.rm_weight and rm_dir:
-        import torch
-
-        from components.modeling import load_reward_model
-        from components.reward_model import score
-
-        rm, tok = load_reward_model(rm_dir, cfg.model)
-        rm_score = score(rm, tok, problems, completions, cfg.reward_model.max_length, cfg.data.system_prompt)
-        parts["reward_rm"] = (torch.sigmoid(rm_score) if w.rm_squash else rm_score).cpu().numpy()
+    if rm_scores is not None:
+        scores = np.asarray(rm_scores, dtype=np.float64)
+        parts["reward_rm"] = 0.5 * (1 + np.tanh(scores / 2)) if w.rm_squash else scores  # s = σ (stable) or identity
     parts["reward"] = (w.rm_weight * parts.reward_rm + w.correctness_weight * parts.reward_correct
                        + w.format_weight * parts.reward_format)
     bad = np.flatnonzero(~np.isfinite(parts.reward.to_numpy()))

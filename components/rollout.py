@@ -17,7 +17,8 @@ from components.config import Config
 from components.generation import Sampling, group_temperatures, make_backend
 from components.grpo import group_advantages, zero_variance_fraction
 from components.io import read_parquet, write_parquet
-from components.modeling import chat_prompt
+from components.modeling import chat_prompt, load_reward_model
+from components.reward_model import score
 from components.stage_cli import config_from_args, main_wrapper, parser
 from components.rewards import rewards_for
 from components.timing import PhaseClock
@@ -58,7 +59,12 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
     if empty:
         raise ValueError(f"{empty} of {len(gens)} completions are empty (no token generated); "
                          "check rollout.max_new_tokens and the tokenizer's EOS")
-    parts = rewards_for(cfg, rows.prompt.tolist(), completions, rows.answer.tolist(), reward_model)
+    rm_scores = None
+    if cfg.reward.rm_weight and reward_model:
+        rm, rm_tok = load_reward_model(reward_model, cfg.model)
+        rm_scores = score(rm, rm_tok, rows.prompt.tolist(), completions, cfg.reward_model.max_length,
+                          cfg.data.system_prompt).cpu().numpy()
+    parts = rewards_for(cfg, completions, rows.answer.tolist(), rm_scores)
     a = cfg.grpo.advantage
     rewards = torch.tensor(parts.reward.to_numpy(), dtype=torch.float64)
     advantages = group_advantages(rewards, rc.group_size, a.scale, a.std, a.eps)

@@ -11,17 +11,12 @@ import contextvars
 import inspect
 from typing import Any, Callable
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
-from components.config import Config, StageResources, run_time_parameters
-from pipelines.components import make_components
+from components.config import Config, run_time_parameters
+from pipelines import placement
+from pipelines.kfp_components import make_components
 from pipelines.plan import Ref, algorithm1, producers
-from pipelines.trainer_job import launcher_placement
-
-MLFLOW_CLIENT_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID",
-                      "AWS_SECRET_ACCESS_KEY")
-MLFLOW_CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME")
-
 
 # Local runs (`kfp-grpo run`) cache task outputs so that `--resume` skips completed tasks. A
 # cache hit needs identical inputs, and every task takes the run's own parent_run_id, so
@@ -31,40 +26,8 @@ _CACHING: contextvars.ContextVar[bool] = contextvars.ContextVar("kfp_grpo_cachin
 
 
 def place(task: dsl.PipelineTask, cfg: Config, stage: str, name: str) -> dsl.PipelineTask:
-    """Apply the stage's placement from the config (caching: off, except in local runs, see _CACHING)."""
-    r: StageResources = cfg.cluster.resources(stage)
-    task.set_display_name(name)
-    task.set_caching_options(_CACHING.get() and name != "start-tracking")
-    if r.cpu_request:
-        task.set_cpu_request(r.cpu_request)
-    if r.memory_request:
-        task.set_memory_request(r.memory_request)
-    if r.cpu_limit:
-        task.set_cpu_limit(r.cpu_limit)
-    if r.memory_limit:
-        task.set_memory_limit(r.memory_limit)
-    if r.accelerator_limit:
-        task.set_accelerator_type(r.accelerator_type or "nvidia.com/gpu")
-        task.set_accelerator_limit(r.accelerator_limit)
-    for key, value in r.node_selector.items():
-        kubernetes.add_node_selector(task, key, value)
-    for t in r.tolerations:
-        kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-    if r.shm_size:
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                   size_limit=r.shm_size)
-    if r.retries:
-        task.set_retry(num_retries=r.retries, backoff_duration="30s", backoff_factor=2.0)
-    if r.timeout_seconds:
-        kubernetes.set_timeout(task, r.timeout_seconds)
-    c = cfg.cluster
-    if c.mlflow_secret:
-        kubernetes.use_secret_as_env(task, c.mlflow_secret, {k: k for k in MLFLOW_CLIENT_KEYS}, optional=True)
-    if c.config_map:
-        kubernetes.use_config_map_as_env(task, c.config_map, {k: k for k in MLFLOW_CONFIG_KEYS}, optional=True)
-    if c.image_pull_secrets:
-        kubernetes.set_image_pull_secrets(task, c.image_pull_secrets)
-    return task
+    """Name the task and apply its stage's placement (caching: off, except in local runs, see _CACHING)."""
+    return placement.place(task, cfg, stage, name, caching=_CACHING.get() and name != "start-tracking")
 
 
 def build_pipeline(cfg: Config, resume_run_id: str = "", caching: bool = False) -> Callable:
@@ -114,7 +77,7 @@ def _build_pipeline(cfg: Config, resume_run_id: str) -> Callable:
             else:
                 task = place(getattr(ops, t.stage)(name=t.name, **kwargs), cfg, _placement(cfg, t.stage), t.name)
             if t.stage == "grpo_update" and cfg.grpo.nodes > 1:
-                launcher_placement(task, cfg)
+                placement.trainer_job_launcher(task, cfg)
             for name in t.after:
                 task.after(made[name])
             made[t.name] = task

@@ -24,6 +24,7 @@ from typing import Callable, TextIO
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TASK_START = re.compile(r"Executing task '([^']+)'")
 TASK_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+CACHE_HIT = re.compile(r"Task '?([\w.-]+)'? cache hit")  # `kfp-grpo run --resume`: a task that completed before
 STEP = re.compile(r"^\s*\[(\w+)\] step (\d+)/(\d+)")
 SHOW = re.compile(r"^\s*\[tracking\] ")  # a task's lines the terminal always gets (the run id to --resume)
 # the metrics a task's line shows, by stage (keys as in its KFP Metrics artifact)
@@ -97,7 +98,11 @@ class TaskLog(io.TextIOBase):
     # -- lines
     def _line(self, raw: str) -> None:
         line = ANSI.sub("", raw)
-        start, end = TASK_START.search(line), TASK_END.search(line)
+        start, end, cached = TASK_START.search(line), TASK_END.search(line), CACHE_HIT.search(line)
+        if cached and cached.group(1) in self.tasks:
+            name = self.tasks[cached.group(1)][0]
+            self.finished[name] = (self.tasks[cached.group(1)][1], 0.0)
+            self._say(f"{self._counter()} {name:<20} cached (completed before)")
         if start and start.group(1) in self.tasks:
             self._begin(start.group(1))
         (self.log or self.run_log).write(line + "\n")

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from components.config import Config
+from pipelines.placement import MLFLOW_CLIENT_KEYS, MLFLOW_CONFIG_KEYS
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -58,7 +59,6 @@ def job_name(step: int) -> str:
 
 
 def _env(cfg: Config, extra: dict[str, str]) -> list[dict[str, Any]]:
-    from pipelines.pipeline import MLFLOW_CLIENT_KEYS, MLFLOW_CONFIG_KEYS
 
     c = cfg.cluster
     env: list[dict[str, Any]] = []  # names are unique (a list-map): `extra` wins over the Secret/ConfigMap
@@ -243,12 +243,3 @@ def run_multinode_tracked(cfg: Config, **kwargs: Any) -> dict:
 
     active = mlflow.active_run()
     return run_multinode(cfg, mlflow_run_id=active.info.run_id if active else None, **kwargs)
-
-
-def launcher_placement(task, cfg: Config) -> None:
-    """KFP settings of a grpo_update task that only submits a TrainJob: the shared PVC and a long timeout."""
-    from kfp import kubernetes
-
-    tj = cfg.grpo.trainer_job
-    kubernetes.mount_pvc(task, pvc_name=tj.shared_pvc, mount_path=tj.shared_mount_path)
-    kubernetes.set_timeout(task, tj.timeout_seconds + 600)

@@ -633,7 +633,12 @@ def test_killed_pipeline_resumes_from_the_last_complete_task_with_identical_resu
         time.sleep(0.5)
     os.killpg(run_b.pid, signal.SIGKILL)
     run_b.wait()
-    completed = {_cached_task(f) for f in (b_dir / "cache").glob("*.json")}  # tasks whose outputs were complete
+    from components.config import load_config
+    from pipelines.local import task_names
+    from pipelines.pipeline import build_pipeline
+
+    names = task_names(build_pipeline(load_config(config)))  # kfp.local's task names → the tasks' names
+    completed = {names[_cached_task(f)][0] for f in (b_dir / "cache").glob("*.json")}  # complete outputs
     hint = re.search(r"resume locally with: kfp-grpo run <same options> --resume ([0-9a-f]+)",
                      Path(b_log.name).read_text())
     assert hint, "the parent run id and the resume command are printed at the start"
@@ -644,8 +649,9 @@ def test_killed_pipeline_resumes_from_the_last_complete_task_with_identical_resu
     assert run_a.wait(timeout=600) == 0, Path(a_log.name).read_text()[-4000:]
     a_text = Path(a_log.name).read_text()
 
-    log = re.sub(r"\x1b\[[0-9;]*m", "", resumed.stdout + resumed.stderr)
-    ran = re.findall(r"Executing task '([^']+)'", log)
+    log = resumed.stdout + resumed.stderr
+    ran = re.findall(r"^\[ *\d+/\d+\] (\S+) +[\d.]+ (?:s|min)\b", log, re.MULTILINE)  # the terminal's task lines
+    assert sorted(re.findall(r"^\[ *\d+/\d+\] (\S+) +cached", log, re.MULTILINE)) == sorted(completed)
     with capsys.disabled():
         print(f"\nkilled with {len(completed)} task(s) complete {sorted(completed)}; the resumed run ran {ran}")
     assert len(completed) >= 3 and "start-tracking" in ran  # start-tracking always runs (it reopens the run)

@@ -779,7 +779,7 @@ def test_grpo_update_component_single_node_runs_the_stage_in_process(work, rollo
     calls = []
     import pipelines.runtime as runtime
     from components import grpo_update as stage
-    from pipelines import components as kfp_components
+    from pipelines import kfp_components
 
     monkeypatch.setattr(runtime, "run_task", lambda *a, **kw: calls.append((a, kw)) or {"update/loss": 0.0})
     artifact = lambda p: SimpleNamespace(path=str(p))  # noqa: E731 — what KFP hands the component body
