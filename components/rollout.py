@@ -61,7 +61,9 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
                          "check rollout.max_new_tokens and the tokenizer's EOS")
     rm_scores = None
     if cfg.reward.rm_weight and reward_model:
+        clock.lap("score")
         rm, rm_tok = load_reward_model(reward_model, cfg.model)
+        clock.lap("io")
         rm_scores = score(rm, rm_tok, rows.prompt.tolist(), completions, cfg.reward_model.max_length,
                           cfg.data.system_prompt).cpu().numpy()
     parts = rewards_for(cfg, completions, rows.answer.tolist(), rm_scores)
