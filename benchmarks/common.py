@@ -355,6 +355,20 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def code_version() -> str | None:
+    """The checkout's commit (short hash, "+dirty" with uncommitted changes), None outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def cores_available() -> int:
     """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -377,6 +391,7 @@ def machine() -> dict[str, Any]:
     except (ValueError, OSError):
         pass
     info["loadavg"] = loadavg()
+    info["commit"] = code_version()
     info["versions"] = versions()
     info["torch"], info["transformers"], info["trl"] = (info["versions"][k] for k in ("torch", "transformers", "trl"))
     import torch
@@ -391,7 +406,8 @@ def machine_line(m: dict[str, Any], loadavg_end: list[float] | None = None) -> s
     return (f"Machine: {m.get('cpu')}, {m.get('cores_available')} cores available ({m.get('host_cores')} on the "
             f"host), {m.get('mem_gib')} GiB" + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
             + f"; load average at start {m.get('loadavg')}" + (f", at end {loadavg_end}" if loadavg_end else "")
-            + ". Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
+            + f". Code: kfp-grpo {m.get('commit')}. Versions: " + ", ".join(f"{k} {val}" for k, val in v.items())
+            + ".")
 
 
 def loadavg() -> list[float]:

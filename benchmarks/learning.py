@@ -293,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.report_only:
         out = Path(a.report_only)
         res = json.loads((out / "learning.json").read_text())
-        print(f"[learning] wrote {render(res, out)}")
+        md = render(res, out)
+        print(f"[learning] wrote {md}")
+        if a.publish:
+            print(f"[learning] published to {publish(md.read_text(), 'learning', [out / n for n in res['plots']])}")
         return 0
     started = time.perf_counter()
     from components.config import _deep_merge

@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         res = report.load(out)
         if a.baseline:
             res["baseline"] = _baseline(Path(a.baseline))
-        print(f"[bench] wrote {report.render(res, out)}")
+        md = report.render(res, out)
+        print(f"[bench] wrote {md}")
+        if a.publish:
+            print(f"[bench] published to {publish(md.read_text(), 'throughput', [out / n for n in res['plots']])}")
         return 0
     started = time.perf_counter()
     kind = "smoke" if a.smoke else "quick" if a.quick else "full"
