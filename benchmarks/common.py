@@ -476,8 +476,11 @@ def fresh_dir(path: str | Path) -> Path:
 
 def publish(markdown: str, section: str, plots: list[Path]) -> Path:
     """Put a report into benchmarks/RESULTS.md, between `<!-- section:begin -->` and `<!-- section:end -->`
-    (appended when absent), with its plots copied to benchmarks/plots/ (links rewritten)."""
+    (appended when absent), one heading level down, with its plots copied to benchmarks/plots/ (links rewritten)."""
+    import re
+
     target = ROOT / "RESULTS.md"
+    markdown = re.sub(r"^#", "##", markdown, flags=re.M)
     (ROOT / "plots").mkdir(exist_ok=True)
     for p in plots:
         shutil.copy(p, ROOT / "plots" / p.name)

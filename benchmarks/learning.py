@@ -174,7 +174,8 @@ def markdown(res: dict[str, Any]) -> str:
              machine_line(res["machine"], res.get("loadavg_end")),
              f"Command: `{res['command']}` ({res['elapsed_min']:.1f} min). Seeds: {res['seeds']}. "
              f"Config: the embedded default" + (f" with `{json.dumps(res['overrides'])}`" if res["overrides"] else "")
-             + f" (hash {res['config_hash']} for seed {res['seeds'][0]}).", "",
+             + f" (hash {res['config_hash']} for seed {res['seeds'][0]})."
+             + (f" Note: {res['note']}." if res.get("note") else ""), "",
              "Mean ± sample std [min, max] over seeds. Held-out accuracy is greedy pass@1 on the run's "
              f"{res['num_test']} held-out problems (one seed's 95% binomial interval at 50% accuracy: ±"
              f"{196 * (0.25 / res['num_test']) ** 0.5:.1f} points).", ""]

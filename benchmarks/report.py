@@ -78,7 +78,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# kfp-grpo vs TRL GRPOTrainer: step throughput — {res['date']}", "",
              machine_line(res["machine"], res.get("loadavg_end"))
              + " Other jobs may share the CPU: wall-clock numbers carry that noise, the CPU-time rows much less.",
-             f"Command: `{res['command']}` ({res['elapsed_min']:.1f} min). Seeds: {res['seeds']}.", "",
+             f"Command: `{res['command']}` ({res['elapsed_min']:.1f} min). Seeds: {res['seeds']}."
+             + (f" Note: {res['note']}." if res.get("note") else ""), "",
              settings_line(s, res.get("changes", [])), "",
              f"Model: {res['n_params'] / 1e6:.2f}M parameters, from one SFT checkpoint ({s['sft_steps']} steps, "
              f"held-out accuracy {res['sft_accuracy']:.3f}). One step = one rollout of {s['completions_per_step']} "
