@@ -202,7 +202,8 @@ def prepare(cfg, cache: Path | None = None) -> dict[str, Any]:
 
 def heldout_accuracy(model, tok, test, cfg) -> float:
     """Greedy pass@1 on the held-out prompts — what the evaluate stage computes, the same code for both sides."""
-    from components.generation import HFBackend, Sampling
+    from components.generation import HFBackend
+    from components.sampling import Sampling
     from components.modeling import chat_prompt
     from components.rewards import is_correct
 

@@ -1,4 +1,4 @@
-"""Stage: held-out evaluation — greedy pass@1, and maj@k when configured."""
+"""Stage: held-out evaluation — greedy pass@1 and format compliance, and maj@k when configured."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import pandas as pd
 
 from components import tracking
 from components.config import Config
-from components.generation import Sampling, make_backend
+from components.generation import make_backend
+from components.sampling import Sampling
 from components.io import distinct_outputs, read_parquet, write_json, write_parquet
 from components.modeling import chat_prompt
 from components.stage_cli import config_from_args, main_wrapper, parser
-from components.rewards import extract_answer, is_correct, normalize_number
+from components.rewards import extract_answer, format_reward, is_correct, normalize_number
 
 
 def majority(answers: list[str | None]) -> str | None:
@@ -38,7 +39,9 @@ def run(cfg: Config, test: str, policy: str, out: str | None = None,
                                               greedy=True, seed=cfg.seed))
     greedy.sort(key=lambda g: g.prompt_index)
     correct = [is_correct(g.text, a) for g, a in zip(greedy, rows.answer)]
-    metrics = {"eval/accuracy": sum(correct) / len(correct), "eval/num_prompts": len(correct)}
+    well_formed = [format_reward(g.text) == 1.0 for g in greedy]  # exactly (<think>…</think>)?<answer>N</answer>
+    metrics = {"eval/accuracy": sum(correct) / len(correct), "eval/format": sum(well_formed) / len(well_formed),
+               "eval/num_prompts": len(correct)}
     if ec.maj_k > 0:
         drawn = backend.generate(texts, Sampling(n=ec.maj_k, temperatures=[ec.maj_temperature] * ec.maj_k,
                                                  max_new_tokens=ec.max_new_tokens, seed=cfg.seed))
@@ -48,8 +51,8 @@ def run(cfg: Config, test: str, policy: str, out: str | None = None,
         maj = [majority(by_prompt[i]) == normalize_number(a) for i, a in enumerate(rows.answer)]
         metrics[f"eval/maj@{ec.maj_k}"] = sum(maj) / len(maj)
     tracking.log_metrics(metrics, step=step)
-    print(f"[evaluate] {policy}: accuracy {metrics['eval/accuracy']:.3f} on {len(correct)} held-out prompts",
-          flush=True)
+    print(f"[evaluate] {policy}: accuracy {metrics['eval/accuracy']:.3f}, format {metrics['eval/format']:.3f} "
+          f"on {len(correct)} held-out prompts", flush=True)
     if samples:
         write_parquet(pd.DataFrame({"prompt": rows.prompt, "answer": rows.answer,
                                     "completion": [g.text for g in greedy], "correct": correct}), samples)

@@ -87,13 +87,13 @@ def _forward(model, t: dict[str, torch.Tensor], texts: list[str], with_entropy: 
 def _old_logprobs(cfg: Config, model, tok, rows: pd.DataFrame, batch_size: int, ctx: Context) -> list[torch.Tensor]:
     """π_old per row: the sampler's own log-probs when they are this policy's, else one no-grad pass.
 
-    `transformers.generate` in fp32 at τ = 1 without top-p samples from exactly these
+    The HF backend sampling in fp32 at τ = 1 without top-p samples from exactly these
     log-probs (up to float rounding); recomputing them would repeat its forward passes.
     One minibatch is recomputed to confirm the rollouts came from these weights.
     """
     rc, temps = cfg.rollout, rows.get("temperature")
-    if rc.backend == "hf" and rc.top_p == 1.0 and cfg.model.dtype == "float32" and temps is not None \
-            and bool((temps == 1.0).all()):
+    if rc.backend == "hf" and rc.top_p == 1.0 and cfg.model.dtype == "float32" \
+            and rc.hf.dtype in (None, "float32") and temps is not None and bool((temps == 1.0).all()):
         probe = _logprobs(model, tok, rows.iloc[:batch_size], batch_size, ctx)
         sampler = [torch.tensor(list(lp), dtype=torch.float32, device=probe[0].device) for lp in rows.sampler_logprobs]
         if all(p.shape == s.shape and torch.allclose(p, s, rtol=0, atol=1e-3) for p, s in zip(probe, sampler)):

@@ -6,6 +6,7 @@ template) that `AutoModelForCausalLM.from_pretrained(dir)` opens with no project
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -189,6 +191,22 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
             torch.save(obj, tmp / name)
 
 
+def dequantize_gguf(model_dir: str, gguf_file: str, out_dir: str | Path) -> Path:
+    """Dequantize `model_dir`/`gguf_file` once into a standard HF directory at `out_dir`.
+
+    transformers dequantizes a GGUF file on every load (tens of seconds for a 135M model);
+    the directory written here (float32 safetensors + the tokenizer with its chat template)
+    loads in about a second with no `gguf_file`. A directory already at `out_dir` holding
+    a config.json is kept as it is (the cache); remove it to convert again.
+    """
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    model, tok = load_policy(model_dir, ModelConfig(policy=model_dir, gguf_file=gguf_file))
+    save_model(model, tok, out)
+    return out
+
+
 def initial_policy(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The starting point of SFT: the tiny model built offline, or a pretrained one."""
     if cfg.policy == TINY:
@@ -221,6 +239,25 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def cache_kwargs(model: PreTrainedModel, cache) -> dict[str, object]:
+    """`cache` as the keyword the model's forward takes: `cache` (transformers ≥ 5.24) or
+    `past_key_values` (earlier 5.x, and remote-code models)."""
+    return {"cache" if "cache" in _forward_parameters(model) else "past_key_values": cache}
+
+
+def last_logits_only(model: PreTrainedModel) -> dict[str, object]:
+    """`logits_to_keep=1` where the model's forward takes it: the LM head runs on the last position only."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+
+
+def _forward_parameters(model: PreTrainedModel) -> frozenset[str]:
+    params = getattr(model, "_kfp_grpo_forward_parameters", None)
+    if params is None:
+        params = frozenset(inspect.signature(model.forward).parameters)
+        model._kfp_grpo_forward_parameters = params
+    return params
 
 
 def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -257,16 +294,19 @@ def shared_prompt_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, pro
     """
     p_len = prompt_ids.shape[1]
     position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = None if p_len < 2 else model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-                                         position_ids=position_ids[:, :-1], use_cache=True).cache
-    if cache is None:  # a 1-token prompt, or no KV cache (e.g. activation checkpointing while training)
+    cache = None
+    if p_len >= 2:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1], position_ids=position_ids[:, :-1],
+              use_cache=True, **cache_kwargs(model, cache), **last_logits_only(model))
+    if cache is None or cache.get_seq_length() == 0:  # a 1-token prompt, or no KV cache (activation checkpointing)
         return completion_logprobs(model, prompt_ids[prompt_index], prompt_mask[prompt_index], completion_ids,
                                    completion_mask, with_entropy)
     cache.batch_select_indices(prompt_index)
     ids = torch.cat([prompt_ids[prompt_index, -1:], completion_ids[:, :-1]], dim=1)  # predicts completion_ids
     mask = torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1]], dim=1)   # cache + ids
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, p_len - 1:]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **cache_kwargs(model, cache)).logits
     logprobs = F.log_softmax(logits.float(), dim=-1)
     logp = logprobs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask
     entropy = -(logprobs.exp() * logprobs).sum(-1) * completion_mask if with_entropy else None

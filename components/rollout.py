@@ -14,7 +14,8 @@ import torch
 
 from components import tracking
 from components.config import Config
-from components.generation import Sampling, group_temperatures, make_backend
+from components.generation import make_backend
+from components.sampling import Sampling, group_temperatures
 from components.grpo import group_advantages, zero_variance_fraction
 from components.io import read_parquet, write_parquet
 from components.modeling import chat_prompt, load_reward_model

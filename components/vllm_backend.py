@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from components.generation import Generation, GenerationStats, Sampling
+from components.sampling import Generation, GenerationStats, Sampling
 
 INSTALL_HINT = "backend vllm needs the gpu extra: pip install 'kfp-grpo[gpu]' on a CUDA machine"
 

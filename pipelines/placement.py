@@ -7,11 +7,7 @@ from __future__ import annotations
 
 from kfp import dsl, kubernetes
 
-from components.config import Config, StageResources
-
-MLFLOW_CLIENT_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID",
-                      "AWS_SECRET_ACCESS_KEY")
-MLFLOW_CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME")
+from components.config import MLFLOW_CLIENT_KEYS, MLFLOW_CONFIG_KEYS, Config, StageResources
 
 
 def place(task: dsl.PipelineTask, cfg: Config, stage: str, name: str, caching: bool = False) -> dsl.PipelineTask:

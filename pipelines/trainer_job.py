@@ -37,8 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from components.config import Config
-from pipelines.placement import MLFLOW_CLIENT_KEYS, MLFLOW_CONFIG_KEYS
+from components.config import MLFLOW_CLIENT_KEYS, MLFLOW_CONFIG_KEYS, Config
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 API_VERSION = f"{GROUP}/{VERSION}"

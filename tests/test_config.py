@@ -73,6 +73,7 @@ def test_embedded_default_is_tiny_yaml():
     ({"rollout": {"temperature": 0}}, "rollout.temperature"),
     ({"rollout": {"temperature_range": [0.0, 1.0]}}, "rollout.temperature_range"),
     ({"rollout": {"temperature_range": [1.2, 0.6]}}, "rollout.temperature_range"),
+    ({"rollout": {"hf": {"dtype": "float8"}}}, "rollout.hf.dtype"),
     ({"replay": {"historical_fraction": 1.5}}, "replay.historical_fraction"),
     ({"model": {"dtype": "float8"}}, "model.dtype"),
     ({"model": {"tiny": {"hidden_size": 2}}}, "model.tiny.hidden_size"),

