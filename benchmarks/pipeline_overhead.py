@@ -15,7 +15,7 @@ run's wall time (from this process's start, so the CLI's imports count) into:
 
 Everything but "stage compute" is overhead.
 
-    python -m benchmarks.pipeline_overhead --workdir W --out overhead.json [--quick] [--set k=v ...]
+    python -m benchmarks.pipeline_overhead --workdir W --out overhead.json [--quick|--smoke] [--set k=v ...]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, loadavg, write_json
+from benchmarks.common import ROOT, SMOKE, loadavg, versions, write_json
 
 TRACE_DIR = ROOT / "_trace"
 QUICK = {
@@ -132,7 +132,9 @@ def analyse(tasks: list[dict], trace: Path, t_start: float, t_end: float) -> dic
             continue
         proc = max(t["t0"], min(start["proc_start"], start["t"]))
         b0, b1 = min(r["t0"] for r in body), max(r["t1"] for r in body)
-        model_io = _union([(r["t0"], r["t1"]) for r in spans if r["cat"] == "model_io"])
+        registry = [r for r in spans if r["cat"] == "registry"]  # logging a model loads it: counted here only
+        model_io = _union([(r["t0"], r["t1"]) for r in spans if r["cat"] == "model_io" and not any(
+            g["t0"] <= r["t0"] and r["t1"] <= g["t1"] for g in registry)])
         data_io = _union([(r["t0"], r["t1"]) for r in spans if r["cat"] in ("data_io", "registry")])
         stage = sum(r["t1"] - r["t0"] for r in stages)
         # module imports inside the task body (run_task imports components.<stage> lazily)
@@ -178,7 +180,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--quick", action="store_true", help="a reduced config (1 iteration × 1 round, short SFT/RM)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a reduced config (1 iteration × 1 round, short SFT/RM)")
+    size.add_argument("--smoke", action="store_true", help="the benchmarks' tiny smoke-test config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (as kfp-grpo)")
     a = p.parse_args()
     t_start = _proc_start()
@@ -186,7 +190,7 @@ def main() -> None:
 
     from components.config import _deep_merge, load_config, set_dotted
 
-    over = dict(QUICK) if a.quick else {}
+    over = dict(QUICK) if a.quick else dict(SMOKE) if a.smoke else {}
     for item in a.set:
         key, _, value = item.partition("=")
         extra: dict = {}
@@ -202,8 +206,9 @@ def main() -> None:
     res = run(cfg, workdir, trace)
     t_end = time.time()
     out = analyse(res["tasks"], trace, t_start, t_end)
-    label = "tiny.yaml" + (" reduced (--quick)" if a.quick else "") + (f" with {json.dumps(over)}" if over else "")
-    out.update(config=label, overrides=over, loadavg_start=load0, loadavg_end=loadavg(),
+    label = "tiny.yaml" + (" reduced (--quick)" if a.quick else " tiny (--smoke)" if a.smoke else "") \
+        + (f" with {json.dumps(over)}" if over else "")
+    out.update(config=label, overrides=over, loadavg_start=load0, loadavg_end=loadavg(), versions=versions(),
                summary=res["summary"], pipeline_seconds=res["summary"].get("seconds"))
     try:
         out["mlflow_stage_seconds"] = mlflow_stage_seconds(res["summary"]["tracking_uri"])

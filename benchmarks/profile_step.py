@@ -19,22 +19,21 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, Spec, ours_config, prepare, setup_torch
+from benchmarks.common import RESULTS, comparison_config, default_config, parse_sets, prepare, setup_torch
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / f"profile-{time.strftime('%Y-%m-%d')}"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the default config")
     a = p.parse_args()
-    spec = Spec()
-    paths = prepare(spec)
-    setup_torch(spec.threads)
+    cfg = comparison_config(default_config(parse_sets(a.set)))[0]  # the settings benchmarks.run measures
+    paths = prepare(cfg)
+    setup_torch(cfg.torch_threads)
     import torch
 
     from components import grpo_update, rollout
-
-    cfg = ours_config(spec)
     out = Path(a.out)
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)

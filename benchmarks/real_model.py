@@ -10,10 +10,10 @@
 what `components.rollout` uses) for each thread count × dtype × batch size, repeated with the
 settings interleaved, beside plain `transformers` `generate` (the backend before it had its own
 decode loop) and one `rollout.run` of the stage itself. `step` runs GRPO steps side by side:
-kfp-grpo through the stages' public `run` functions (rollout.run + grpo_update.run, as the
-pipeline chains them: model loads/saves and Parquet I/O included) and TRL's GRPOTrainer
-(`benchmarks.trl_runner`), each in a fresh process, alternating A-B-A-B, with the same model,
-G, batch, lengths, lr, β, ε, loss aggregation, rewards and seed (benchmarks.common.Spec).
+kfp-grpo through the stages' public `run` functions (`benchmarks.ours`: rollout.run +
+grpo_update.run, as the pipeline chains them: model loads/saves and Parquet I/O included) and
+TRL's GRPOTrainer (`benchmarks.trl_runner`), each in a fresh process, alternating A-B-A-B, with
+the same model, G, batch, lengths, lr, β, ε, loss aggregation, rewards and seed (STEP_CONFIG).
 Throughput = completion tokens / seconds, wall-clock and per CPU-second.
 
 Writes benchmarks/results/real-model-<date>/results.json and results.md.
@@ -22,25 +22,38 @@ Writes benchmarks/results/real-model-<date>/results.json and results.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, Spec, cpu_seconds, loadavg, machine, ours_config, setup_torch, \
-    write_json
+from benchmarks.common import RESULTS, Spec, cpu_seconds, loadavg, machine, run_side, setup_torch, write_json
 from benchmarks.smollm2 import DEFAULT_DIR
 
-MODULE = "benchmarks.real_model"  # this file, also when run as __main__
+GROUP = 8  # G of every measurement here
+# The step comparison (on the default config): small enough for ~1-2 min per step per side on 2 cores.
+STEP_CONFIG = {
+    "seed": 0, "torch_threads": 1, "data": {"num_train": 200, "num_test": 16},
+    "reward": {"rm_weight": 0.0, "correctness_weight": 1.0, "format_weight": 0.1},
+    "rollout": {"backend": "hf", "group_size": GROUP, "prompts_per_step": 4, "max_new_tokens": 64,
+                "temperature": 1.0, "top_p": 1.0, "temperature_range": None, "shards": 1,
+                "generation_batch_size": 32},
+    "grpo": {"beta": 0.04, "eps_low": 0.2, "eps_high": 0.2, "loss_agg": "token", "epochs": 1, "minibatch_size": 16,
+             "advantage": {"scale": "group", "std": "sample", "eps": 1e-4}, "lr": 1e-6, "warmup_steps": 0,
+             "weight_decay": 0.0, "max_grad_norm": 1.0, "reference": "sft", "importance_sampling_cap": None,
+             "max_kl": None, "max_clip_fraction": None},
+    "evaluation": {"max_new_tokens": 32},
+}
+STEP_ROUNDS = 3
 
-# The step comparison: small enough for ~1-2 min per step per side on 2 cores.
-STEP_SPEC = Spec(threads=1, group_size=8, prompts_per_step=4, minibatch=16, max_new_tokens=64, lr=1e-6,
-                 beta=0.04, eps=0.2, loss="token", rounds=3, warmup_rounds=1, eval_every=10**6,
-                 num_train=200, num_test=16, eval_max_new_tokens=32)
+
+def step_spec(model_dir: str, threads: int, rounds: int) -> Spec:
+    """The step comparison's settings for the model directory `model_dir`."""
+    from components.config import _deep_merge, load_config
+
+    cfg = load_config(None, _deep_merge(STEP_CONFIG, {"torch_threads": threads, "model": {"policy": model_dir}}))
+    return Spec(cfg.to_json(), rounds=rounds, eval_every=0, warmup_rounds=1)
 
 
 @dataclass(frozen=True)
@@ -163,65 +176,14 @@ def summarize_rollout(records: list[dict]) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------- GRPO step: our side
-def ours(spec: Spec, paths: dict, out: str, work: str) -> dict:
-    """`spec.rounds` GRPO steps through the stages' `run` functions (as the pipeline chains them)."""
-    import shutil
-
-    import pandas as pd
-
-    setup_torch(spec.threads)
-    from components import grpo_update, rollout
-
-    cfg = ours_config(spec)
-    start = paths["sft"]
-    policy, rounds = start, []
-    for r in range(spec.rounds):
-        roll, new = f"{work}/rollout-{r}.parquet", f"{work}/policy-{r}"
-        w0, c0 = time.perf_counter(), cpu_seconds()
-        rm = rollout.run(cfg, paths["train"], policy, None, roll, step=r, policy_version=str(r))
-        w1, c1 = time.perf_counter(), cpu_seconds()
-        um = grpo_update.run(cfg, [roll], policy, start, new, step=r)
-        w2, c2 = time.perf_counter(), cpu_seconds()
-        df = pd.read_parquet(roll, columns=["completion_ids"])
-        tokens = int(df.completion_ids.map(len).sum())
-        rounds.append({
-            "round": r + 1, "wall": w2 - w0, "cpu": c2 - c0, "completion_tokens": tokens, "rows": len(df),
-            "rollout_stage_wall": w1 - w0, "update_stage_wall": w2 - w1,
-            "rollout_stage_cpu": c1 - c0, "update_stage_cpu": c2 - c1,
-            "generate_wall": tokens / rm["rollout/tokens_per_s"],       # the stages' own timings
-            "update_loop_wall": tokens / um["update/tokens_per_s"],
-            "reward_mean": rm["rollout/reward_mean"], "kl": um["update/kl"],
-            "optimizer_steps": um["update/optimizer_steps"],
-        })
-        print(f"[real-model ours] round {r + 1}/{spec.rounds}: {w2 - w0:.1f} s wall, {c2 - c0:.1f} CPU-s, "
-              f"{tokens} completion tokens", flush=True)
-        if policy != start:
-            shutil.rmtree(policy, ignore_errors=True)  # ~1.6 GB each with the optimizer state
-        policy = new
-    result = {"side": "kfp-grpo", "rounds": rounds, "loadavg_end": loadavg()}
-    write_json(result, out)
-    return result
-
-
 # --------------------------------------------------------------------------- GRPO step: both sides
 def prepare_step_data(spec: Spec, model_dir: str, work: Path) -> dict:
     """Train/test prompt tables for the step comparison; both sides start from `model_dir`."""
     from components import prepare_data
 
-    prepare_data.run(ours_config(spec), str(work / "train.parquet"), str(work / "test.parquet"))
+    prepare_data.run(spec.cfg, str(work / "train.parquet"), str(work / "test.parquet"))
     return {"train": str(work / "train.parquet"), "test": str(work / "test.parquet"), "sft": model_dir,
             "sft_accuracy": None}
-
-
-def _side(module: str, spec: Spec, paths: dict, out: Path, work: Path) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT.parent) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    args = [sys.executable, "-m", module] + (["_ours"] if module == MODULE else []) + [
-        "--spec", spec.to_json(), "--paths", json.dumps(paths), "--out", str(out), "--work", str(work)]
-    print(f"[real-model step] {module}", flush=True)
-    subprocess.run(args, check=True, env=env, cwd=str(ROOT.parent))
-    return json.loads(out.read_text())
 
 
 def measure_steps(spec: Spec, model_dir: str, out_dir: Path, repeats: int) -> list[dict]:
@@ -231,11 +193,11 @@ def measure_steps(spec: Spec, model_dir: str, out_dir: Path, repeats: int) -> li
     paths = prepare_step_data(spec, model_dir, out_dir)
     runs = []
     for rep in range(repeats):
-        for side, module in (("kfp-grpo", MODULE), ("TRL", "benchmarks.trl_runner")):
+        for side, module in (("kfp-grpo", "benchmarks.ours"), ("TRL", "benchmarks.trl_runner")):
             work = out_dir / f"work-{side}-{rep}"
             shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            res = _side(module, spec, paths, out_dir / f"{side}-{rep}.json", work)
+            (out_dir / f"{side}-{rep}.json").unlink(missing_ok=True)
+            res = run_side(module, spec, paths, out_dir / f"{side}-{rep}.json", work)
             shutil.rmtree(work, ignore_errors=True)
             runs.append({"side": side, "repeat": rep, "rounds": res["rounds"]})
     return runs
@@ -285,9 +247,10 @@ def markdown(res: dict) -> str:
     if res.get("steps"):
         s, spec = res["steps"], res["step_spec"]
         lines += ["## GRPO step: kfp-grpo vs TRL GRPOTrainer", "",
-                  f"{spec['prompts_per_step']} prompts × G = {spec['group_size']} per step, ≤ "
+                  f"{spec['prompts_per_step']} prompts × G = {spec['G']} per step, ≤ "
                   f"{spec['max_new_tokens']} new tokens, minibatch {spec['minibatch']}, lr {spec['lr']}, "
-                  f"β {spec['beta']}, ε {spec['eps']}, loss {spec['loss']} (TRL bnpo), fp32, "
+                  f"β {spec['beta']}, ε {spec['eps_low']}, loss {spec['loss_agg']} (TRL {spec['trl_loss_type']}), "
+                  "fp32, "
                   f"{spec['threads']} thread(s), seed {spec['seed']}; {spec['rounds']} steps per run, the first "
                   f"{spec['warmup_rounds']} left out.", "",
                   "| side | steps | completion tokens | wall s | CPU s | tok/s (wall) | tok/CPU-s | per run tok/s |",
@@ -307,13 +270,6 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_ours"]:  # one side of `step`, in its own process
-        p = argparse.ArgumentParser()
-        for name in ("--spec", "--paths", "--out", "--work"):
-            p.add_argument(name, required=True)
-        a = p.parse_args(argv[1:])
-        ours(Spec.from_json(a.spec), json.loads(a.paths), a.out, a.work)
-        return 0
     p = argparse.ArgumentParser(prog="python -m benchmarks.real_model", description=__doc__.split("\n\n")[0])
     p.add_argument("what", nargs="?", choices=["rollout", "step", "all"], default="all")
     p.add_argument("--model-dir", default=str(DEFAULT_DIR),
@@ -323,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[8, 64, 128], help="rollout: rows per batch")
     p.add_argument("--max-new-tokens", type=int, default=64, help="rollout: completion length limit")
     p.add_argument("--repeats", type=int, default=2, help="repeats of every measurement (interleaved)")
-    p.add_argument("--step-threads", type=int, default=STEP_SPEC.threads, help="step: torch threads, both sides")
-    p.add_argument("--step-rounds", type=int, default=STEP_SPEC.rounds, help="step: GRPO steps per run")
+    p.add_argument("--step-threads", type=int, default=1, help="step: torch threads, both sides")
+    p.add_argument("--step-rounds", type=int, default=STEP_ROUNDS, help="step: GRPO steps per run")
     p.add_argument("--out", help="output folder (default benchmarks/results/real-model-<date>)")
     a = p.parse_args(argv)
     if not Path(a.model_dir, "config.json").is_file():
@@ -339,16 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.what in ("rollout", "all"):
         settings = [RolloutSetting(t, "backend", d, b) for t in a.threads for d in a.dtypes for b in a.batches]
         settings += [RolloutSetting(t, "generate", "float32", b) for t in a.threads for b in a.batches if b <= 64]
-        records = measure_rollout(model_dir, settings, a.repeats, STEP_SPEC.group_size, a.max_new_tokens)
+        records = measure_rollout(model_dir, settings, a.repeats, GROUP, a.max_new_tokens)
         res.update(rollout_records=records, rollout=summarize_rollout(records), rollout_max_new_tokens=a.max_new_tokens)
-        res["rollout_stage"] = [rollout_stage(model_dir, out, min(a.threads), d, max(a.batches), STEP_SPEC.group_size,
+        res["rollout_stage"] = [rollout_stage(model_dir, out, min(a.threads), d, max(a.batches), GROUP,
                                               a.max_new_tokens) for d in a.dtypes]
         write_json(res, out / "results.json")
     if a.what in ("step", "all"):
-        spec = replace(STEP_SPEC, threads=a.step_threads, rounds=a.step_rounds,
-                       extra={"model": {"policy": model_dir}})  # data.system_prompt stays null, as TRL's prompts
+        spec = step_spec(model_dir, a.step_threads, a.step_rounds)
         runs = measure_steps(spec, model_dir, out, a.repeats)
-        res.update(step_spec=asdict(spec), step_runs=runs, steps=summarize_steps(runs, spec.warmup_rounds))
+        res.update(step_spec={**spec.settings(), "warmup_rounds": spec.warmup_rounds}, step_runs=runs,
+                   steps=summarize_steps(runs, spec.warmup_rounds))
     res.update(loadavg_end=loadavg(), seconds=round(time.perf_counter() - started, 1))
     write_json(res, out / "results.json")
     (out / "results.md").write_text(markdown(res))

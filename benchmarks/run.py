@@ -1,22 +1,23 @@
-"""One command for the whole benchmark: kfp-grpo vs TRL GRPOTrainer, plus pipeline overhead.
+"""Step throughput of kfp-grpo vs TRL GRPOTrainer, pipeline overhead and FLOP/s, in one command.
 
-    python -m benchmarks.run            # full (~15-20 min on 2 CPU cores)
-    python -m benchmarks.run --quick    # smoke-size (~3 min)
+    python -m benchmarks.run                 # 6 steps per side + the default's local pipeline
+    python -m benchmarks.run --quick         # 3 steps per side + a reduced pipeline
+    python -m benchmarks.run --smoke --skip pipeline   # seconds (tests/test_benchmarks.py)
 
-Writes benchmarks/results/<date>[-quick]/results.md, results.json and PNG plots:
-throughput.png (step/rollout/update tokens/s, per-phase seconds, achieved FLOP/s vs
-the matmul peak), accuracy_vs_wall.png, pipeline_overhead.png.
+Settings come from the default config at run time (`--set KEY=VALUE` changes it, for both
+sides and the pipeline). Writes benchmarks/results/<date>[-quick|-smoke]/results.md,
+results.json, throughput.png and pipeline_overhead.png; `--publish` copies the table into
+benchmarks/RESULTS.md. Learning (accuracy vs wall time over seeds): `python -m benchmarks.learning`.
 
-Each side runs in its own fresh Python process (same threads, same environment), one
-after the other; the SFT checkpoint both start from is made once and cached in
-benchmarks/results/cache/.
+Each side runs in its own fresh Python process (same threads, same environment); kfp-grpo's
+steps are split around TRL's (A-B-A) so drifting machine load weighs on both alike. The SFT
+checkpoint both start from is made once per setting and cached in benchmarks/results/cache/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,126 +25,101 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.common import RESULTS, ROOT, TRL_LOSS, Spec, loadavg, machine, matmul_peak, prepare, write_json
+from benchmarks.common import RESULTS, ROOT, Spec, child_env, comparison_config, default_config, loadavg, machine, \
+    matmul_peak, parse_sets, prepare, publish, run_side, write_json
 
-QUICK = dict(rounds=4, eval_every=2)
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(ROOT.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def _side(module: str, spec: Spec, paths: dict, out: Path, work: Path, until: int | None = None) -> dict:
-    cmd = [sys.executable, "-m", module, "--spec", spec.to_json(), "--paths", json.dumps(paths),
-           "--out", str(out), "--work", str(work)] + (["--until", str(until)] if until else [])
-    print(f"[bench] running {module} (steps up to {until or spec.rounds} of {spec.rounds})", flush=True)
-    subprocess.run(cmd, check=True, env=_env(), cwd=str(ROOT.parent))
-    return json.loads(out.read_text())
+ROUNDS = {"full": 6, "quick": 3, "smoke": 2}
 
 
 def _baseline(path: Path) -> dict:
-    base = json.loads((path / "results.json").read_text())
+    base = report.load(path)
     return {"label": f"{base['date']}, `{base['command']}`" + (f" — {base['note']}" if base.get("note") else ""),
             "throughput": base["throughput"]}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="few steps and a reduced pipeline (~3 min)")
-    p.add_argument("--out", help="output folder (default benchmarks/results/<date>[-quick])")
-    p.add_argument("--rounds", type=int, help="GRPO steps per side")
-    p.add_argument("--threads", type=int, help="torch threads for both sides (default 1, as tiny.yaml)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="3 steps per side and a reduced pipeline")
+    size.add_argument("--smoke", action="store_true", help="a tiny config and 2 steps per side (seconds)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the default config (both sides and the pipeline), as kfp-grpo run --set")
+    p.add_argument("--rounds", type=int, help="steps per side")
     p.add_argument("--skip", action="append", default=[], choices=["ours", "trl", "pipeline"],
                    help="leave a part out (repeatable)")
-    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="kfp-grpo-only config override for the comparison (reported)")
-    p.add_argument("--pipeline-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for the pipeline-overhead run")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<date>[-quick|-smoke])")
+    p.add_argument("--publish", action="store_true", help="copy the table and plots into benchmarks/RESULTS.md")
     p.add_argument("--report-only", metavar="DIR", help="re-render results.md and plots from DIR/results.json")
-    p.add_argument("--baseline", metavar="DIR", help="add a before → after table against DIR/results.json "
-                                                     "(a run of this benchmark on the code before a change)")
+    p.add_argument("--baseline", metavar="DIR", help="add a before → after table against DIR/results.json")
     a = p.parse_args(argv)
     if a.report_only:
         out = Path(a.report_only)
-        res = json.loads((out / "results.json").read_text())
+        res = report.load(out)
         if a.baseline:
             res["baseline"] = _baseline(Path(a.baseline))
-        res["goals"] = report.goals(res)
-        res["plots"] = report.plots(res, out)
-        (out / "results.md").write_text(report.markdown(res))
-        print(f"[bench] wrote {out / 'results.md'}")
+        md = report.render(res, out)
+        print(f"[bench] wrote {md}")
+        if a.publish:
+            print(f"[bench] published to {publish(md.read_text(), 'throughput', [out / n for n in res['plots']])}")
         return 0
     started = time.perf_counter()
-    spec = Spec(**(QUICK if a.quick else {}))
-    if a.rounds:
-        spec.rounds = a.rounds
-    if a.threads:
-        spec.threads = a.threads
-    if a.ours_set:
-        import yaml
-
-        from components.config import set_dotted
-
-        for item in a.ours_set:
-            k, _, v = item.partition("=")
-            set_dotted(spec.extra, k, yaml.safe_load(v))
+    kind = "smoke" if a.smoke else "quick" if a.quick else "full"
+    overrides = parse_sets(a.set)
+    compared, changes = comparison_config(default_config(overrides, smoke=a.smoke))
+    rounds = a.rounds or ROUNDS[kind]
+    spec = Spec(compared.to_json(), rounds=rounds, eval_every=0, warmup_rounds=1 if rounds > 1 else 0,
+                changes=changes)
     date = time.strftime("%Y-%m-%d")
-    out = Path(a.out) if a.out else RESULTS / (date + ("-quick" if a.quick else ""))
+    out = Path(a.out) if a.out else RESULTS / (date + ("" if kind == "full" else f"-{kind}"))
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.run" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     info = machine()
     print(f"[bench] {info['cpu']}, load {info['loadavg']}; results → {out}", flush=True)
 
-    flops = matmul_peak(spec.threads)
-    print(f"[bench] fp32 matmul peak on {spec.threads} thread(s): {flops['peak_flops'] / 1e9:.1f} GFLOP/s", flush=True)
-    paths = prepare(spec)
+    flops = matmul_peak(compared.torch_threads, seconds=0.3 if a.smoke else 3.0)
+    print(f"[bench] fp32 matmul peak on {flops['threads']} thread(s): {flops['peak_flops'] / 1e9:.1f} GFLOP/s",
+          flush=True)
+    paths = prepare(compared)
     print(f"[bench] SFT checkpoint {paths['sft']} (held-out accuracy {paths['sft_accuracy']:.3f})", flush=True)
 
-    res: dict = {"date": date, "command": command, "spec": asdict(spec), "machine": info, "flops": flops,
-                 "sft_accuracy": paths["sft_accuracy"], "trl_loss": TRL_LOSS[spec.loss],
-                 "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    res: dict = {"date": date, "command": command, "machine": info, "seeds": [compared.seed],
+                 "settings": spec.settings(), "changes": changes, "spec": asdict(spec), "flops": flops,
+                 "sft_accuracy": paths["sft_accuracy"], "warmup_rounds": spec.warmup_rounds}
     sides = {}
     work = out / "work"
     (out / "ours.json").unlink(missing_ok=True)
     both = "ours" not in a.skip and "trl" not in a.skip
-    # A-B-A: kfp-grpo's first half, all of TRL, kfp-grpo's second half (its stages restart from disk),
-    # so a machine whose load drifts during the run weighs on both sides alike.
+    # A-B-A: kfp-grpo's first half, all of TRL, kfp-grpo's second half (its stages restart from disk)
     half = spec.rounds // 2 if both and spec.rounds >= 2 else None
     if "ours" not in a.skip:
-        sides["ours"] = _side("benchmarks.ours", spec, paths, out / "ours.json", work / "ours", half)
+        sides["ours"] = run_side("benchmarks.ours", spec, paths, out / "ours.json", work / "ours", half)
     if "trl" not in a.skip:
-        sides["trl"] = _side("benchmarks.trl_runner", spec, paths, out / "trl.json", work / "trl")
+        sides["trl"] = run_side("benchmarks.trl_runner", spec, paths, out / "trl.json", work / "trl")
     if half:
-        sides["ours"] = _side("benchmarks.ours", spec, paths, out / "ours.json", work / "ours")
+        sides["ours"] = run_side("benchmarks.ours", spec, paths, out / "ours.json", work / "ours")
     if sides:
-        any_side = next(iter(sides.values()))
-        res["n_params"] = any_side["n_params"]
-        res["curves"] = {k: v["curve"] for k, v in sides.items()}
-    if "trl" in sides:
-        res["trl_optim"] = sides["trl"].get("optim")
-    if len(sides) == 2:
-        res["throughput"] = {k: report.throughput(v, spec.warmup_rounds) for k, v in sides.items()}
-        res["learning"] = report.learning(sides["ours"], sides["trl"])
+        res["n_params"] = next(iter(sides.values()))["n_params"]
+        res["sides"] = sides
+        res["trl_optim"] = sides.get("trl", {}).get("optim")
+    if both:
+        res["throughput"] = {k: report.throughput(v, spec.warmup_rounds, compared.grpo.beta) for k, v in sides.items()}
     if "pipeline" not in a.skip:
         cmd = [sys.executable, "-m", "benchmarks.pipeline_overhead", "--workdir", str(work / "pipeline"),
-               "--out", str(out / "pipeline.json")] + (["--quick"] if a.quick else [])
-        for item in a.pipeline_set:
+               "--out", str(out / "pipeline.json")] + ([f"--{kind}"] if kind != "full" else [])
+        for item in a.set:
             cmd += ["--set", item]
         print("[bench] running the local pipeline (kfp-grpo run) for the overhead breakdown", flush=True)
-        subprocess.run(cmd, check=True, env=_env(), cwd=str(ROOT.parent))
+        subprocess.run(cmd, check=True, env=child_env(), cwd=str(ROOT.parent))
         res["pipeline"] = json.loads((out / "pipeline.json").read_text())
     if a.baseline:
         res["baseline"] = _baseline(Path(a.baseline))
     res["loadavg_end"] = loadavg()
     res["elapsed_min"] = (time.perf_counter() - started) / 60
-    res["goals"] = report.goals(res)
-    res["plots"] = report.plots(res, out)
-    (out / "results.md").write_text(report.markdown(res))
+    md = report.render(res, out)
     write_json(res, out / "results.json")
-    print(f"[bench] wrote {out / 'results.md'}", flush=True)
+    print(f"[bench] wrote {md}", flush=True)
+    if a.publish:
+        print(f"[bench] published to {publish(md.read_text(), 'throughput', [out / n for n in res['plots']])}")
     for g in res["goals"]:
         print(f"[bench] {g}", flush=True)
     return 0

@@ -1,30 +1,37 @@
-"""Side B: TRL's GRPOTrainer with the same model, task, reward, G, batch, lengths, lr, seed.
+"""Side B: TRL's GRPOTrainer with the settings of the kfp-grpo config the benchmark compares.
 
-One round = one TRL generation batch (B prompts × G completions) and the
-`steps_per_generation` optimizer steps TRL takes on it, i.e. the same work as one
-kfp-grpo rollout + update. The trainer's methods are wrapped (not edited) to split
-each round into the same phases as side A:
+One round = one TRL generation batch (B prompts × G completions) and the optimizer steps
+TRL takes on it (`steps_per_generation` × `num_iterations`), i.e. the same work as one
+kfp-grpo rollout + update. Everything the comparison depends on comes from the config
+(`trl_args`): G, prompts per step, minibatch, μ, lr and its warm-up, weight decay, gradient
+clipping, β, ε_low/ε_high, loss aggregation, max completion length, temperature, top-p,
+reward weights, seed; π_ref is synced to the policy every iteration when
+`grpo.reference: iteration`. The optimizer is the same `torch.optim.AdamW` over all
+parameters with the same per-step warm-up as `grpo_update.warmup_lr`.
+
+TRL's methods are timed in a subclass (TRL's code is not edited) to split each round into
 
     generate   `_generate` (tokenise, model.generate, decode)
     score      `_calculate_rewards`
     logprobs   the rest of `_generate_and_score_completions` (π_old, π_ref forwards, advantages)
     train      everything else in the round (loss forward/backward, optimizer, Trainer loop)
 
-    python -m benchmarks.trl_runner --spec '<json>' --paths '<json>' --out trl.json
+TRL keeps models and data in memory, so it has no io phase.
+
+    python -m benchmarks.trl_runner --spec '<json>' --paths '<json>' --out trl.json --work DIR
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
+import warnings
 
-from benchmarks.common import TRL_LOSS, Phases, Spec, cpu_seconds, heldout_accuracy, loadavg, param_count, \
-    setup_torch, update_flops, write_json
+from benchmarks.common import TRL_LOSS, Phases, SideLog, Spec, cpu_seconds, heldout_accuracy, param_count, \
+    setup_torch, side_main, write_json
 
 
-def reward_functions(spec: Spec):
-    """Our verifier rewards (components.rewards) in TRL's reward-function signature."""
+def reward_functions(cfg):
+    """The task's verifier rewards (components.rewards) in TRL's reward-function signature, with their weights."""
     from components.rewards import correctness_reward, format_reward
 
     def text(c) -> str:
@@ -36,27 +43,42 @@ def reward_functions(spec: Spec):
     def fmt(completions, **_):
         return [format_reward(text(c)) for c in completions]
 
-    return [correct, fmt], [spec.correctness_weight, spec.format_weight]
+    return [correct, fmt], [cfg.reward.correctness_weight, cfg.reward.format_weight]
+
+
+def steps_per_round(cfg) -> int:
+    """Optimizer steps on one round of rollouts (kfp-grpo: μ epochs of minibatches)."""
+    rows = cfg.rollout.group_size * cfg.rollout.prompts_per_step
+    if rows % cfg.grpo.minibatch_size:
+        raise ValueError(f"TRL needs the round's {rows} completions to split into minibatches of "
+                         f"{cfg.grpo.minibatch_size}")
+    return cfg.grpo.epochs * rows // cfg.grpo.minibatch_size
 
 
 def trl_args(spec: Spec, out_dir: str, use_cpu: bool):
+    """The GRPOConfig equal to the compared kfp-grpo config."""
     import torch
     from trl import GRPOConfig
 
-    funcs, weights = reward_functions(spec)
+    cfg = spec.cfg
+    g, r = cfg.grpo, cfg.rollout
+    per_round = steps_per_round(cfg)
+    sync = g.reference == "iteration" and g.beta > 0
     return GRPOConfig(
-        output_dir=out_dir, seed=spec.seed, use_cpu=use_cpu, bf16=False, fp16=False,
-        gradient_checkpointing=False,  # TRL's default is on; ours never recomputes activations
-        per_device_train_batch_size=spec.minibatch, gradient_accumulation_steps=1,
-        steps_per_generation=spec.rows_per_round // spec.minibatch, num_generations=spec.group_size,
-        num_iterations=1, max_completion_length=spec.max_new_tokens, temperature=spec.temperature,
-        top_p=1.0, top_k=0, learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, beta=spec.beta, epsilon=spec.eps, epsilon_high=spec.eps,
-        loss_type=TRL_LOSS[spec.loss], scale_rewards="group", reward_weights=weights,
-        mask_truncated_completions=False, disable_dropout=True,
-        max_steps=spec.rounds * (spec.rows_per_round // spec.minibatch),
-        model_init_kwargs={"dtype": torch.float32}, report_to=[], logging_steps=10**9, save_strategy="no",
-        disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+        output_dir=out_dir, seed=cfg.seed, use_cpu=use_cpu, bf16=False, fp16=False,
+        gradient_checkpointing=False,  # TRL's default is on; kfp-grpo's grpo.gradient_checkpointing is off
+        per_device_train_batch_size=g.minibatch_size, gradient_accumulation_steps=1,
+        steps_per_generation=per_round // g.epochs, num_generations=r.group_size, num_iterations=g.epochs,
+        max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=0,
+        learning_rate=g.lr, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm,  # optimizer: see Timed
+        beta=g.beta, epsilon=g.eps_low, epsilon_high=g.eps_high, loss_type=TRL_LOSS[g.loss_agg],
+        scale_rewards=g.advantage.scale,  # the same names in both
+        reward_weights=reward_functions(cfg)[1], mask_truncated_completions=False, disable_dropout=True,
+        sync_ref_model=sync, ref_model_mixup_alpha=1.0,
+        ref_model_sync_steps=per_round * cfg.loop.steps_per_iteration,
+        max_steps=spec.rounds * per_round, model_init_kwargs={"dtype": getattr(torch, cfg.model.dtype)},
+        report_to=[], logging_steps=10**9, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        log_completions=False,
     )
 
 
@@ -64,24 +86,41 @@ def run(spec: Spec, paths: dict, out: str, work: str) -> dict:
     import pandas as pd
     import torch
 
-    setup_torch(spec.threads)
+    cfg = spec.cfg
+    g = cfg.grpo
+    setup_torch(cfg.torch_threads)
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
     from components.modeling import load_tokenizer
 
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated")  # transformers 5.24
     ph = Phases()
     train = pd.read_parquet(paths["train"])
     test = pd.read_parquet(paths["test"])
-    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in train.prompt],
+    system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+    ds = Dataset.from_dict({"prompt": [system + [{"role": "user", "content": p}] for p in train.prompt],
                             "answer": list(train.answer)})
-    tok = load_tokenizer(paths["sft"])
-    steps_per_round = spec.rows_per_round // spec.minibatch
-    counts = {"completion_tokens": 0, "prompt_tokens": 0, "rows": 0, "nograd_rows": 0, "nograd_tokens": 0,
-              "nograd_passes": 0}
+    tok, eval_tok = load_tokenizer(paths["sft"]), load_tokenizer(paths["sft"])
+    per_round = steps_per_round(cfg)
+    counts = {"completion_tokens": 0, "prompt_tokens": 0, "rows": 0}
+    log = SideLog("TRL", spec, paths["sft_accuracy"])
 
     class Timed(GRPOTrainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:  # as grpo_update: AdamW over every parameter
+                self.optimizer = torch.optim.AdamW((model or self.model).parameters(), lr=g.lr,
+                                                   weight_decay=g.weight_decay)
+            return self.optimizer
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:  # as grpo_update.warmup_lr: lr·(k+1)/warmup for step k < warmup
+                warm = g.warmup_steps
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
+            return self.lr_scheduler
+
         def _generate(self, prompts):
             with ph("generate"):
                 outs = super()._generate(prompts)
@@ -96,67 +135,43 @@ def run(spec: Spec, paths: dict, out: str, work: str) -> dict:
                 return super()._calculate_rewards(*a, **k)
 
         def _generate_and_score_completions(self, inputs):
-            with ph("gen_and_score"):
+            with ph("generate_and_score"):
                 return super()._generate_and_score_completions(inputs)
 
-        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, *a, **k):
-            if not torch.is_grad_enabled():
-                counts["nograd_passes"] += 1
-                counts["nograd_rows"] += int(input_ids.shape[0])
-                counts["nograd_tokens"] += int(attention_mask.sum())
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, *a, **k)
-
-    rounds, curve = [], [{"round": 0, "wall": 0.0, "accuracy": paths["sft_accuracy"]}]
-    state = {"clock": 0.0}
-
     class Clock(TrainerCallback):
-        def on_train_begin(self, args, st, control, **kw):
+        def on_train_begin(self, args, state, control, **kw):
             ph.take()
             self.w, self.c = time.perf_counter(), cpu_seconds()
 
-        def on_step_end(self, args, st, control, model=None, **kw):
-            if st.global_step % steps_per_round:
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % per_round:
                 return
-            w, c = time.perf_counter(), cpu_seconds()
+            wall, cpu = time.perf_counter() - self.w, cpu_seconds() - self.c
             p = ph.take()
-            r = st.global_step // steps_per_round
-            rec = {"round": r, "wall": w - self.w, "cpu": c - self.c, **{k: v for k, v in counts.items()}}
-            rec["nograd_passes"] = rec["nograd_rows"] / max(rec["rows"], 1)  # full-batch equivalents
-            for k in counts:
-                counts[k] = 0
-            for kind in ("wall", "cpu"):
+            phases = {}
+            for kind, total in (("wall", wall), ("cpu", cpu)):
                 d = p[kind]
                 gen, score = d.get("generate", 0.0), d.get("score", 0.0)
-                lp = d.get("gen_and_score", 0.0) - gen - score
-                rec[f"phase_{kind}"] = {"generate": gen, "score": score, "logprobs": lp,
-                                        "train": rec[kind] - gen - score - lp, "io": 0.0}
+                logprobs = d.get("generate_and_score", 0.0) - gen - score
+                phases[kind] = {"generate": gen, "score": score, "logprobs": logprobs,
+                                "train": total - gen - score - logprobs}
             m = trainer._metrics["train"]
-            rec.update(reward_mean=_last(m, "reward"), kl=_last(m, "kl"),
-                       clip_fraction=_last(m, "clip_ratio/region_mean"), optimizer_steps=steps_per_round)
-            state["clock"] += rec["wall"]
-            rounds.append(rec)
-            print(f"[bench trl] round {r}/{spec.rounds}: {rec['wall']:.2f}s "
-                  f"(gen {rec['phase_wall']['generate']:.2f}, logprobs {rec['phase_wall']['logprobs']:.2f}, "
-                  f"train {rec['phase_wall']['train']:.2f})", flush=True)
-            if r % spec.eval_every == 0 or r == spec.rounds:
-                acc = heldout_accuracy(trainer.model, tok, test, spec.eval_max_new_tokens)
-                curve.append({"round": r, "wall": state["clock"], "accuracy": acc})
-                print(f"[bench trl] held-out accuracy after {r} rounds ({state['clock']:.1f}s): {acc:.3f}",
-                      flush=True)
+            stats = {"reward_mean": _last(m, "reward"), "kl": _last(m, "kl"),
+                     "clip_fraction": _last(m, "clip_ratio/region_mean"), "optimizer_steps": per_round}
+            log.add_round(wall, cpu, phases["wall"], phases["cpu"], dict(counts), stats,
+                          lambda: heldout_accuracy(trainer.model, eval_tok, test, cfg), other=False)
+            for k in counts:
+                counts[k] = 0
             ph.take()
             self.w, self.c = time.perf_counter(), cpu_seconds()
 
-    load_start = loadavg()
     use_cpu = not torch.cuda.is_available()
-    trainer = Timed(model=paths["sft"], reward_funcs=reward_functions(spec)[0], args=trl_args(spec, work, use_cpu),
+    trainer = Timed(model=paths["sft"], reward_funcs=reward_functions(cfg)[0], args=trl_args(spec, work, use_cpu),
                     train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     n_params = param_count(trainer.model)
     trainer.train()
-    for rec in rounds:
-        rec["update_flops"] = update_flops(n_params, rec["prompt_tokens"] + rec["completion_tokens"],
-                                           rec["nograd_tokens"])
-    result = {"side": "TRL GRPOTrainer", "n_params": n_params, "rounds": rounds, "curve": curve,
-              "loadavg_start": load_start, "loadavg_end": loadavg(), "optim": str(trainer.args.optim)}
+    optim = type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__  # unwrap accelerate
+    result = log.result(n_params=n_params, optim=optim, done=True)
     write_json(result, out)
     return result
 
@@ -166,15 +181,5 @@ def _last(metrics: dict, key: str) -> float:
     return float(values[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--spec", required=True)
-    p.add_argument("--paths", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--work", required=True)
-    a = p.parse_args()
-    run(Spec.from_json(a.spec), json.loads(a.paths), a.out, a.work)
-
-
 if __name__ == "__main__":
-    main()
+    side_main(run)

@@ -28,6 +28,7 @@ from components.io import read_parquet
 from components.modeling import batched, completion_logprobs, encode_prompts, load_policy, pad_right, save_model, \
     shared_prompt_logprobs
 from components.stage_cli import config_from_args, main_wrapper, parser
+from components.timing import PhaseClock
 from components.training import DivergenceError, NonFiniteError
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -157,6 +158,7 @@ def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str,
            out_dir: str, step: int = 0) -> dict:
     """The update in this process: alone (``ctx.world == 1``) or as one FSDP rank of ``ctx.world``."""
     g = cfg.grpo
+    clock = PhaseClock("update")  # phases: io (Parquet, model/optimizer load and save), logprobs (no-grad), train
     rows = load_rollouts(rollout_paths)
     model, tok = load_policy(policy_dir, cfg.model)  # whole on this process's device, then sharded
     model_cls, names = type(model), distributed.param_names(model)
@@ -170,18 +172,22 @@ def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str,
         distributed.load_optimizer_state(model, opt, torch.load(opt_file, weights_only=True), names, ctx)
         for group in opt.param_groups:  # the config, not the checkpoint, owns the hyper-parameters
             group.update(lr=g.lr, weight_decay=g.weight_decay)
+    clock.lap("io")
     mb = g.minibatch_size
     old = _old_logprobs(cfg, model, tok, rows, mb, ctx)
+    clock.lap("logprobs")
     ref = None
     if g.beta > 0:
         if not ref_dir or ref_dir == policy_dir:
             ref = old
         else:
             ref_model = load_policy(ref_dir, cfg.model)[0]
+            clock.lap("io")
             if ctx.sharded:
                 distributed.shard_model(ref_model, ctx, g.bf16)
             ref = _logprobs(ref_model, tok, rows, mb, ctx)
             del ref_model
+    clock.lap("logprobs")
     use_is = g.importance_sampling_cap is not None
     lengths = [len(x) for x in rows.completion_ids]
 
@@ -236,6 +242,7 @@ def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str,
             _check_divergence(cfg, stats, step, opt_step)
             opt_step += 1
     metrics = summarize_round(cfg, rows, history, n_tokens, time.perf_counter() - start, step, ctx.world)
+    clock.lap("train")
     if ctx.is_main:
         ranks = f" on {ctx.world} ranks" if ctx.sharded else ""
         print(f"[grpo_update] step {step}: {opt_step} optimizer steps{ranks}, loss "
@@ -245,7 +252,9 @@ def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str,
         distributed.save_sharded(model, model_cls, opt, tok, out_dir, names, ctx)
     else:
         save_model(model, tok, out_dir, extra={OPTIMIZER_FILE: opt.state_dict()})
-    return metrics
+    clock.lap("io")
+    tracking.log_metrics(clock.metrics(), step=step)
+    return {**metrics, **clock.metrics()}
 
 
 def summarize_round(cfg: Config, rows: pd.DataFrame, history: list[dict[str, float]], n_tokens: int,

@@ -22,6 +22,7 @@ from components.modeling import chat_prompt, load_reward_model
 from components.reward_model import score
 from components.stage_cli import config_from_args, main_wrapper, parser
 from components.rewards import rewards_for
+from components.timing import PhaseClock
 
 
 def select_prompts(prompts: pd.DataFrame, n: int, seed: int, step: int, shard: int = 0,
@@ -36,11 +37,13 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
     """Sample G completions per prompt from the model directory `policy`, score them (with the
     reward model directory `reward_model`, if any) and write the round (or one shard of it) to `rollouts`."""
     rc = cfg.rollout
+    clock = PhaseClock("rollout")  # phases: io (prompts, model load, Parquet), generate, score
     batch = select_prompts(read_parquet(prompts, "prompts", ["id", "prompt", "answer"]), rc.prompts_per_step,
                            cfg.seed, step, shard, rc.shards)
     if batch.empty:
         raise ValueError(f"no prompts for rollout shard {shard} of {rc.shards} ({prompts})")
     backend = make_backend(rc.backend, policy, cfg.model, rc)
+    clock.lap("io")
     tok = backend.tok
     texts = [chat_prompt(tok, p, cfg.data.system_prompt) for p in batch.prompt]
     sampling = Sampling(n=rc.group_size, temperatures=group_temperatures(rc.group_size, rc.temperature,
@@ -49,6 +52,7 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
     start = time.perf_counter()
     gens = backend.generate(texts, sampling)
     gen_seconds = time.perf_counter() - start
+    clock.lap("generate")
     gens.sort(key=lambda g: (g.prompt_index, g.sample_index))  # consecutive groups of G
     rows = batch.iloc[[g.prompt_index for g in gens]].reset_index(drop=True)
     completions = [g.text for g in gens]
@@ -58,13 +62,16 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
                          "check rollout.max_new_tokens and the tokenizer's EOS")
     rm_scores = None
     if cfg.reward.rm_weight and reward_model:
+        clock.lap("score")
         rm, rm_tok = load_reward_model(reward_model, cfg.model)
+        clock.lap("io")
         rm_scores = score(rm, rm_tok, rows.prompt.tolist(), completions, cfg.reward_model.max_length,
                           cfg.data.system_prompt).cpu().numpy()
     parts = rewards_for(cfg, completions, rows.answer.tolist(), rm_scores)
     a = cfg.grpo.advantage
     rewards = torch.tensor(parts.reward.to_numpy(), dtype=torch.float64)
     advantages = group_advantages(rewards, rc.group_size, a.scale, a.std, a.eps)
+    clock.lap("score")
     out = pd.DataFrame({
         "id": rows.id, "prompt": rows.prompt, "answer": rows.answer, "prompt_text": [texts[g.prompt_index] for g in gens],
         "completion": completions, "completion_ids": [g.token_ids for g in gens],
@@ -76,6 +83,7 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         "policy_version": policy_version, "step": step,
     })
     write_parquet(out, rollouts)
+    clock.lap("io")
     n_tokens = int(sum(len(g.token_ids) for g in gens))
     metrics = {
         "rollout/reward_mean": float(parts.reward.mean()), "rollout/reward_std": float(parts.reward.std(ddof=0)),
@@ -84,6 +92,7 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         "rollout/completion_tokens_mean": n_tokens / len(gens),
         "rollout/tokens_per_s": n_tokens / max(gen_seconds, 1e-9),
         "rollout/truncated_fraction": float((out.finish_reason == "length").mean()),
+        **clock.metrics(),
     }
     tracking.log_metrics(metrics, step=step)
     print(f"[rollout] step {step}: {len(batch)} prompts × {rc.group_size} → accuracy "

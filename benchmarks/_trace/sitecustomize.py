@@ -4,11 +4,12 @@
 process imports it at interpreter start. It records, into
 ``$KFP_GRPO_BENCH_TRACE/<pid>.jsonl``, the process start time and the spans of:
 
-    task      pipelines.runtime.run_task / start_parent_run / promote_task (the task body)
+    task      pipelines.runtime.run_task / sft_task / reward_model_task / start_parent_run /
+              promote_task / gather / accumulate (the task body)
     stage     components.<stage>.run (outermost only)
     model_io  components.modeling.load_policy / load_reward_model / save_model
     data_io   components.io.read_parquet / write_parquet / write_json
-    registry  components.tracking.register_dir / download_model (MLflow artifact copies)
+    registry  components.tracking.log_policy / log_reward_model / download_model (MLflow model logging, copies)
     import    executing one of these modules (outermost only: includes torch/transformers imports)
 
 The functions are wrapped in their modules right after the module executes, so later
@@ -17,6 +18,17 @@ pipelines/ is edited.
 """
 
 import os
+
+# module → {function: category}; tests/test_benchmarks.py checks that every one of them exists
+_STAGES = ("prepare_data", "sft", "reward_model", "rollout", "grpo_update", "rm_replay", "evaluate", "promote")
+_TARGETS = {
+    "pipelines.runtime": {"run_task": "task", "sft_task": "task", "reward_model_task": "task",
+                          "start_parent_run": "task", "promote_task": "task", "gather": "task", "accumulate": "task"},
+    "components.modeling": {"load_policy": "model_io", "load_reward_model": "model_io", "save_model": "model_io"},
+    "components.io": {"read_parquet": "data_io", "write_parquet": "data_io", "write_json": "data_io"},
+    "components.tracking": {"log_policy": "registry", "log_reward_model": "registry", "download_model": "registry"},
+    **{f"components.{s}": {"run": "stage"} for s in _STAGES},
+}
 
 _DIR = os.environ.get("KFP_GRPO_BENCH_TRACE")
 
@@ -63,15 +75,6 @@ if _DIR:
                 _emit({"ev": "span", "cat": cat, "name": name, "t0": t0, "t1": time.time(), "depth": depth})
         timed.__bench_traced__ = True
         return timed
-
-    _STAGES = ("prepare_data", "sft", "reward_model", "rollout", "grpo_update", "rm_replay", "evaluate", "promote")
-    _TARGETS = {
-        "pipelines.runtime": {"run_task": "task", "start_parent_run": "task", "promote_task": "task"},
-        "components.modeling": {"load_policy": "model_io", "load_reward_model": "model_io", "save_model": "model_io"},
-        "components.io": {"read_parquet": "data_io", "write_parquet": "data_io", "write_json": "data_io"},
-        "components.tracking": {"register_dir": "registry", "download_model": "registry"},
-        **{f"components.{s}": {"run": "stage"} for s in _STAGES},
-    }
 
     class _Loader(importlib.abc.Loader):
         def __init__(self, inner, name):
