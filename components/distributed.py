@@ -277,8 +277,8 @@ def save_sharded(model, model_cls, opt, tok, out_dir: str, names: list[str], ctx
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    from components.grpo_update import OPTIMIZER_FILE
-    from components.io import atomic_path
+    from components.artifacts import OPTIMIZER_FILE
+    from components.modeling import save_model
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it all, others nothing
     weights = get_model_state_dict(model, options=options)
@@ -292,8 +292,5 @@ def save_sharded(model, model_cls, opt, tok, out_dir: str, names: list[str], ctx
         if missing:
             raise RuntimeError(f"gathered state dict lacks {missing[:5]}")
         plain.generation_config = model.generation_config
-        with atomic_path(out_dir) as tmp:
-            plain.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            torch.save(names_to_ids(optim, names), tmp / OPTIMIZER_FILE)
+        save_model(plain, tok, out_dir, extra={OPTIMIZER_FILE: names_to_ids(optim, names)})
     dist.barrier()

@@ -21,17 +21,16 @@ import pandas as pd
 import torch
 
 from components import distributed, tracking
+from components.artifacts import OPTIMIZER_FILE, as_paths, read_rollouts
 from components.distributed import Context
 from components.config import Config
 from components.grpo import grpo_loss, zero_variance_fraction
-from components.io import read_parquet
 from components.modeling import batched, completion_logprobs, encode_prompts, load_policy, pad_right, save_model, \
     shared_prompt_logprobs
 from components.stage_cli import config_from_args, main_wrapper, parser
 from components.timing import PhaseClock
 from components.training import DivergenceError, NonFiniteError
 
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 def _tensors(tok, rows: pd.DataFrame, device: torch.device) -> dict[str, torch.Tensor]:
@@ -109,34 +108,6 @@ def _pad(vectors: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-ROLLOUT_COLUMNS = ("prompt_text", "completion_ids", "sampler_logprobs", "advantage", "reward")
-
-
-def as_paths(paths: str | list[str]) -> list[str]:
-    """One path or several (a round sharded across pods, the rounds of an iteration) as a list."""
-    return [paths] if isinstance(paths, (str, Path)) else list(paths)
-
-
-def load_rollouts(paths: list[str], columns: tuple[str, ...] = ROLLOUT_COLUMNS) -> pd.DataFrame:
-    """Concatenate rollout shards (a round may be sharded across pods); each must have `columns`."""
-    frames = [read_parquet(p, "rollouts", columns) for p in paths]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if df.empty:
-        raise ValueError(f"no rollouts to learn from in {paths}")
-    if "completion_ids" in columns:  # an empty completion has no token to learn from (its loss would be 0/0)
-        empty = [i for i, ids in enumerate(df.completion_ids) if ids is None or len(ids) == 0]
-        if empty:
-            raise ValueError(f"rollouts {', '.join(map(str, paths))}: {len(empty)} of {len(df)} completion(s) are empty "
-                             f"(no completion tokens), first at row {empty[0]}")
-    for col in ("advantage", "reward"):
-        if col in columns:
-            bad = [i for i, v in enumerate(pd.to_numeric(df[col], errors="coerce")) if not math.isfinite(v)]
-            if bad:
-                raise ValueError(f"rollouts {', '.join(map(str, paths))}: {col} is NaN/inf in {len(bad)} row(s), "
-                                 f"first at row {bad[0]}")
-    return df
-
-
 def run(cfg: Config, rollouts: str | list[str], policy: str, reference: str | None, new_policy: str,
         step: int = 0) -> dict | None:
     """Update π_θ (the model directory `policy`) on the rollout table(s) `rollouts`, with π_ref the
@@ -159,7 +130,7 @@ def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str,
     """The update in this process: alone (``ctx.world == 1``) or as one FSDP rank of ``ctx.world``."""
     g = cfg.grpo
     clock = PhaseClock("update")  # phases: io (Parquet, model/optimizer load and save), logprobs (no-grad), train
-    rows = load_rollouts(rollout_paths)
+    rows = read_rollouts(rollout_paths)
     model, tok = load_policy(policy_dir, cfg.model)  # whole on this process's device, then sharded
     model_cls, names = type(model), distributed.param_names(model)
     if g.gradient_checkpointing:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from components import tracking
 from components.config import Config
-from components.grpo_update import as_paths, load_rollouts
+from components.artifacts import as_paths, read_rollouts
 from components.io import distinct_outputs, read_parquet, write_parquet
 from components.modeling import load_reward_model, save_model
 from components.reward_model import RM_COLUMNS, fit, make_pairs, pairwise_accuracy, split_by_prompt
@@ -40,7 +40,7 @@ def run(cfg: Config, rollouts: str | list[str], reward_model: str, history: str 
     to `new_reward_model` and the history with this iteration's samples added to `buffer`.
     """
     distinct_outputs(new_reward_model=new_reward_model, buffer=buffer)
-    fresh = fresh_samples(load_rollouts(as_paths(rollouts), ("id", "prompt", "completion", "correct")), iteration)
+    fresh = fresh_samples(read_rollouts(rollouts, ("id", "prompt", "completion", "correct")), iteration)
     earlier = [read_parquet(p, "replay history", RM_COLUMNS)[RM_COLUMNS] for p in as_paths(history)]
     historical = pd.concat(earlier, ignore_index=True) if earlier else pd.DataFrame(columns=RM_COLUMNS)
     replayed = historical.sample(frac=cfg.replay.historical_fraction, random_state=cfg.seed + iteration)

@@ -13,11 +13,12 @@ import pandas as pd
 import torch
 
 from components import tracking
+from components.artifacts import write_rollouts
 from components.config import Config
 from components.generation import make_backend
 from components.sampling import Sampling, group_temperatures
 from components.grpo import group_advantages, zero_variance_fraction
-from components.io import read_parquet, write_parquet
+from components.io import read_parquet
 from components.modeling import chat_prompt, load_reward_model
 from components.reward_model import score
 from components.stage_cli import config_from_args, main_wrapper, parser
@@ -82,7 +83,7 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         "correct": parts.reward_correct > 0.5, "advantage": advantages.numpy(),
         "policy_version": policy_version, "step": step,
     })
-    write_parquet(out, rollouts)
+    write_rollouts(out, rollouts)
     clock.lap("io")
     n_tokens = int(sum(len(g.token_ids) for g in gens))
     metrics = {

@@ -147,7 +147,6 @@ def log_policy(run_id: str, policy_dir: str, name: str = "policy") -> "mlflow.mo
 
 
 REWARD_MODEL_ARTIFACT, BUFFER_ARTIFACT = "reward_model", "replay_buffer"
-BUFFER_FILE = "replay_buffer.parquet"  # beside a downloaded reward model's weights
 
 
 def log_reward_model(run_id: str, rm_dir: str, buffer: str | None = None, name: str = "reward_model",
@@ -212,6 +211,8 @@ def download_model(uri: str, dst: str) -> str:
 
     import mlflow.artifacts
 
+    from components.artifacts import BUFFER_FILE
+
     if uri.startswith("models:/") and not uri.startswith("models:/m-"):
         uri = resolve_version(mlflow.MlflowClient(), uri).source
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(Path(dst) / "mlflow")))
@@ -221,7 +222,7 @@ def download_model(uri: str, dst: str) -> str:
     if REWARD_MODEL_ARTIFACT in artifacts:
         shutil.copytree(artifacts[REWARD_MODEL_ARTIFACT], out)
         if BUFFER_ARTIFACT in artifacts:
-            shutil.copy(artifacts[BUFFER_ARTIFACT], out / BUFFER_FILE)
+            shutil.copy(artifacts[BUFFER_ARTIFACT], out / BUFFER_FILE)  # (components.artifacts)
     else:
         from components.modeling import save_model
 

@@ -239,7 +239,7 @@ def carry_buffer(cfg: Config, uri: str, train_path: str, rm_dir: str, data_out: 
     from pathlib import Path
 
     from components.io import read_parquet, write_parquet
-    from components.tracking import BUFFER_FILE
+    from components.artifacts import BUFFER_FILE
     from components.reward_model import synthetic_rm_data
 
     buffer = Path(rm_dir) / BUFFER_FILE
@@ -259,11 +259,10 @@ def gather(config_json: str, parent_run_id: str, tracking_uri: str, step: int, p
     rollout curves (`rollout/reward_mean`, `rollout/accuracy`) come from here, over the
     whole round, one point per step.
     """
-    from components.grpo_update import load_rollouts
-    from components.io import write_parquet
+    from components.artifacts import read_rollouts, write_rollouts
 
-    rows = load_rollouts(paths)
-    write_parquet(rows, out_path)
+    rows = read_rollouts(paths)
+    write_rollouts(rows, out_path)
     print(f"[gather] {len(paths)} shards → {len(rows)} rollouts", flush=True)
     if parent_run_id:
         cfg = setup(config_json)
@@ -281,10 +280,9 @@ def accumulate(earlier: str | None, this_round: str, out_path: str) -> None:
     so the pipeline hands each round's rollouts on to the next round's task, and the
     iteration's last one to `rm-replay`, which learns from every round.
     """
-    from components.grpo_update import load_rollouts
-    from components.io import write_parquet
+    from components.artifacts import read_rollouts, write_rollouts
 
-    write_parquet(load_rollouts(([earlier] if earlier else []) + [this_round], columns=()), out_path)
+    write_rollouts(read_rollouts(([earlier] if earlier else []) + [this_round]), out_path)
 
 
 def promote_task(name: str, config_json: str, parent_run_id: str, tracking_uri: str, metrics_artifact: Any,

@@ -194,7 +194,7 @@ def run_multinode(cfg: Config, rollouts: str | list[str], policy: str, reference
 
     The arguments are those of `components.grpo_update.run`.
     """
-    from components.grpo_update import as_paths
+    from components.artifacts import as_paths
     from components.distributed import METRICS_ENV, RUN_ID_ENV, torchrun_command
     from components.io import atomic_path
 

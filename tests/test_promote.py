@@ -19,7 +19,7 @@ import yaml
 
 from components import promote, tracking
 from components.promote import gate
-from components.tracking import BUFFER_FILE
+from components.artifacts import BUFFER_FILE
 from tests.conftest import fast_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -41,6 +41,7 @@ import pytest
 import torch
 
 from components import distributed, grpo_update, rollout
+from components.artifacts import OPTIMIZER_FILE
 from components.config import ConfigError, VLLMConfig, parse_config
 from components.generation import HFBackend
 from components.sampling import Generation, Sampling, group_temperatures
@@ -158,8 +159,8 @@ def test_torchrun_two_processes_match_the_single_process_update(work, rollouts, 
     assert max_diff(s_in, s_two) > 5e-4  # it learned
     assert max_diff(s_one, s_two) < 1e-5  # what one process learned
 
-    opt_one = torch.load(work / "single" / grpo_update.OPTIMIZER_FILE, weights_only=True)
-    opt_two = torch.load(work / "torchrun" / grpo_update.OPTIMIZER_FILE, weights_only=True)
+    opt_one = torch.load(work / "single" / OPTIMIZER_FILE, weights_only=True)
+    opt_two = torch.load(work / "torchrun" / OPTIMIZER_FILE, weights_only=True)
     assert opt_two["state"].keys() == opt_one["state"].keys()
     assert float(opt_two["state"][0]["step"]) == float(opt_one["state"][0]["step"]) == 4  # continued round 1's
     model, _ = load_policy(str(work / "torchrun"))
@@ -772,7 +773,7 @@ def test_multinode_update_through_a_trainjob(kube, work, rollouts, round1, untra
     for key in ("update/loss", "update/kl", "update/grad_norm"):
         assert multi[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
     assert max_diff(state(work / "single-mn"), state(tmp_path / "out")) < 1e-5
-    assert (tmp_path / "out" / grpo_update.OPTIMIZER_FILE).exists()
+    assert (tmp_path / "out" / OPTIMIZER_FILE).exists()
     assert list(shared.iterdir()) == []  # the job's working directory is cleaned up
 
 

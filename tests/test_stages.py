@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from components import evaluate, grpo_update, prepare_data, reward_model, rm_replay, rollout, sft
+from components.artifacts import OPTIMIZER_FILE
 from components.config import _deep_merge
 from components.distributed import Context
 from components.generation import make_backend
@@ -295,7 +296,7 @@ def test_rollout_all_equal_groups_get_exactly_zero_advantage(data_dir, untrained
 
 # =========================================================================== grpo_update
 def _adam_step(policy_dir: Path) -> float:
-    state = torch.load(policy_dir / grpo_update.OPTIMIZER_FILE, weights_only=True)["state"]
+    state = torch.load(policy_dir / OPTIMIZER_FILE, weights_only=True)["state"]
     steps = {float(s["step"]) for s in state.values()}
     assert len(steps) == 1
     return steps.pop()
@@ -307,7 +308,7 @@ def test_grpo_update_writes_a_new_policy_and_optimizer_state(rollout_cfg, update
     opt_steps = math.ceil(n_rows / rollout_cfg.grpo.minibatch_size) * rollout_cfg.grpo.epochs
     assert metrics["update/optimizer_steps"] == opt_steps
     assert all(math.isfinite(v) for v in metrics.values())
-    assert (out / "model.safetensors").is_file() and (out / grpo_update.OPTIMIZER_FILE).is_file()
+    assert (out / "model.safetensors").is_file() and (out / OPTIMIZER_FILE).is_file()
     before, after = state_dict_of(trained_policy), state_dict_of(out)
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -323,8 +324,8 @@ def test_grpo_update_continues_the_optimizer_state(rollout_cfg, rollout_result, 
     out = work / "policy-2"
     m2 = grpo_update.run(rollout_cfg, [str(rollout_result[0])], str(first), None, str(out), step=1)
     assert _adam_step(out) == m1["update/optimizer_steps"] + m2["update/optimizer_steps"]
-    s1 = torch.load(first / grpo_update.OPTIMIZER_FILE, weights_only=True)
-    s2 = torch.load(out / grpo_update.OPTIMIZER_FILE, weights_only=True)
+    s1 = torch.load(first / OPTIMIZER_FILE, weights_only=True)
+    s2 = torch.load(out / OPTIMIZER_FILE, weights_only=True)
     assert s2["param_groups"][0]["lr"] == rollout_cfg.grpo.lr
     assert any(not torch.equal(s1["state"][k]["exp_avg_sq"], s2["state"][k]["exp_avg_sq"]) for k in s1["state"])
     assert any(not torch.equal(a, b) for a, b in zip(state_dict_of(first).values(), state_dict_of(out).values()))
