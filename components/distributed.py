@@ -75,9 +75,10 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 # --------------------------------------------------------------------------- launch (one pod)
-def torchrun_command(cfg, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out_dir: str,
-                     step: int, nproc_per_node: int, nnodes: int = 1, launcher: list[str] | None = None) -> list[str]:
-    """The command line that runs the update stage under torchrun.
+def torchrun_command(cfg, stage_args: list[str], nproc_per_node: int, nnodes: int = 1,
+                     launcher: list[str] | None = None) -> list[str]:
+    """The command line that runs the update stage (`python -m components.grpo_update`, with the
+    stage's own arguments `stage_args`, see `stage_cli.stage_argv`) under torchrun.
 
     One node: ``--standalone`` (a local rendezvous). Several nodes: the rendezvous comes
     from the environment (``PET_MASTER_ADDR``, ``PET_MASTER_PORT``, ``PET_NODE_RANK``, which
@@ -85,15 +86,13 @@ def torchrun_command(cfg, rollout_paths: list[str], policy_dir: str, ref_dir: st
     """
     launcher = launcher or [sys.executable, "-m", "torch.distributed.run"]
     cmd = list(launcher) + (["--standalone"] if nnodes == 1 else [f"--nnodes={nnodes}"])
-    cmd += [f"--nproc-per-node={nproc_per_node}", "-m", "components.grpo_update", "--config-json", cfg.to_json(),
-            "--rollouts", *rollout_paths, "--policy", policy_dir, "--out", out_dir, "--step", str(step)]
-    if ref_dir:
-        cmd += ["--reference", ref_dir]
-    return cmd
+    return cmd + [f"--nproc-per-node={nproc_per_node}", "-m", "components.grpo_update", "--config-json",
+                  cfg.to_json(), *stage_args]
 
 
-def launch(cfg, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, out_dir: str, step: int = 0) -> dict:
-    """Run the update under torchrun with `grpo.nproc_per_node` processes; return rank 0's metrics.
+def launch(cfg, stage_args: list[str]) -> dict:
+    """Run the update stage with `stage_args` under torchrun with `grpo.nproc_per_node` processes;
+    return rank 0's metrics.
 
     An active MLflow run is handed to rank 0 (it logs the per-step metrics into it).
     """
@@ -112,7 +111,7 @@ def launch(cfg, rollout_paths: list[str], policy_dir: str, ref_dir: str | None, 
         if run is not None:
             env[RUN_ID_ENV] = run.info.run_id
             env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-        cmd = torchrun_command(cfg, rollout_paths, policy_dir, ref_dir, out_dir, step, n)
+        cmd = torchrun_command(cfg, stage_args, n)
         print(f"[grpo_update] launching {n} processes: torchrun --standalone --nproc-per-node={n} "
               "-m components.grpo_update ...", flush=True)
         proc = subprocess.run(cmd, env=env)

@@ -12,7 +12,7 @@ from components.generation import make_backend
 from components.sampling import Sampling
 from components.io import distinct_outputs, read_parquet, write_json, write_parquet
 from components.modeling import chat_prompt
-from components.stage_cli import config_from_args, main_wrapper, parser
+from components.stage_cli import stage_main
 from components.rewards import extract_answer, format_reward, is_correct, normalize_number
 
 
@@ -62,12 +62,10 @@ def run(cfg: Config, test: str, policy: str, out: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("evaluate", "Greedy pass@1 (and maj@k) on the held-out split.")
-    p.add_argument("--test", required=True, help="Parquet of held-out prompts")
-    p.add_argument("--policy", required=True, help="policy directory")
-    p.add_argument("--out", help="write metrics JSON here")
-    p.add_argument("--samples-out", help="write the greedy completions (Parquet) here")
-    return main_wrapper(lambda a: run(config_from_args(a), a.test, a.policy, a.out, a.samples_out), p, argv)
+    return stage_main(run, "Greedy pass@1 (and maj@k) on the held-out split.", {
+        "test": "Parquet of held-out prompts", "policy": "policy directory",
+        "out": "output: the metrics as JSON", "samples": "output: the greedy completions (Parquet)",
+        "step": "where the metrics go in MLflow (the iteration)"}, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from components.config import Config
 from components.grpo import grpo_loss, zero_variance_fraction
 from components.modeling import batched, completion_logprobs, encode_prompts, load_policy, pad_right, save_model, \
     shared_prompt_logprobs
-from components.stage_cli import config_from_args, main_wrapper, parser
+from components.stage_cli import stage_argv, stage_main
 from components.timing import PhaseClock
 from components.training import DivergenceError, NonFiniteError
 
@@ -119,7 +119,8 @@ def run(cfg: Config, rollouts: str | list[str], policy: str, reference: str | No
     """
     args = (cfg, as_paths(rollouts), policy, reference, new_policy, step)
     if distributed.should_launch(cfg.grpo.nproc_per_node):  # several GPUs in this pod: re-run under torchrun
-        return distributed.launch(*args)
+        return distributed.launch(cfg, stage_argv(run, rollouts=args[1], policy=policy, reference=reference,
+                                                  new_policy=new_policy, step=step))
     if distributed.is_rank():  # one rank of a torchrun launch: FSDP-sharded
         return distributed.run_rank(lambda ctx: update(ctx, *args))
     return update(Context.single(), *args)
@@ -274,14 +275,12 @@ def _check_divergence(cfg: Config, stats: dict[str, float], step: int, opt_step:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("grpo_update", "GRPO update of the policy on one round of rollouts.")
-    p.add_argument("--rollouts", required=True, nargs="+", help="rollout Parquet file(s) (shards)")
-    p.add_argument("--policy", required=True, help="current policy directory (π_old)")
-    p.add_argument("--reference", help="reference model directory (π_ref); default: the policy itself")
-    p.add_argument("--out", required=True, help="output policy directory")
-    p.add_argument("--step", type=int, default=0, help="global round index (seeds the minibatch order)")
-    return main_wrapper(lambda a: run(config_from_args(a), a.rollouts, a.policy, a.reference, a.out, a.step),
-                        p, argv)
+    return stage_main(run, "GRPO update of the policy on one round of rollouts.", {
+        "rollouts": "rollout table(s) (Parquet; several: the shards of a round)",
+        "policy": "current policy directory (π_old)",
+        "reference": "reference model directory (π_ref); default: the policy itself",
+        "new_policy": "output: the updated policy directory (+ optimizer.pt)",
+        "step": "global round index (seeds the minibatch order)"}, argv)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,11 @@ validates and normalises it (:mod:`components.data`) and writes two Parquet file
 with columns ``id, prompt, answer, solution``. Each file is written atomically; on bad
 input nothing is written.
 
-    python -m components.prepare_data --config tiny.yaml --train-out train.parquet --test-out test.parquet
+    python -m components.prepare_data --config tiny.yaml --train train.parquet --test test.parquet
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Any, Sequence
 
 from components import stage_cli
@@ -33,15 +32,10 @@ def run(cfg: Config, train: str, test: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``--config``/``--config-json`` plus ``--train-out`` and ``--test-out``."""
-    p = stage_cli.parser("prepare_data", "Write the train/test prompt tables (Parquet).")
-    p.add_argument("--train-out", required=True, help="Parquet file for the train prompts")
-    p.add_argument("--test-out", required=True, help="Parquet file for the test prompts")
-
-    def body(args: argparse.Namespace) -> dict[str, Any]:
-        return run(stage_cli.config_from_args(args), args.train_out, args.test_out)
-
-    return stage_cli.main_wrapper(body, p, argv)
+    """CLI: ``--config``/``--config-json`` plus the output paths ``--train`` and ``--test``."""
+    return stage_cli.stage_main(run, "Write the train/test prompt tables (Parquet).", {
+        "train": "output: Parquet file of the train prompts", "test": "output: Parquet file of the held-out prompts"},
+        argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from components import tracking
 from components.config import Config
 from components.io import distinct_outputs, read_parquet, write_parquet
 from components.modeling import DTYPES, ModelLoadError, batched, default_device, load_tokenizer, save_model
-from components.stage_cli import config_from_args, main_wrapper, parser
+from components.stage_cli import stage_main
 from components.rewards import reference_completion, wrong_answer
 from components.training import train_steps
 
@@ -153,12 +153,10 @@ def run(cfg: Config, train: str, policy: str, reward_model: str, rm_data: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("reward_model", "Train the scalar reward model on correct vs incorrect completions.")
-    p.add_argument("--train", required=True, help="Parquet of training prompts")
-    p.add_argument("--policy", required=True, help="SFT policy directory (the RM's backbone)")
-    p.add_argument("--out", required=True, help="output reward model directory")
-    p.add_argument("--data-out", required=True, help="output Parquet of the RM's labelled data")
-    return main_wrapper(lambda a: run(config_from_args(a), a.train, a.policy, a.out, a.data_out), p, argv)
+    return stage_main(run, "Train the scalar reward model on correct vs incorrect completions.", {
+        "train": "Parquet of training prompts", "policy": "the SFT policy directory (the reward model's backbone)",
+        "reward_model": "output: the reward model directory",
+        "rm_data": "output: Parquet of its labelled data (the start of the replay history)"}, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from components.artifacts import as_paths, read_rollouts
 from components.io import distinct_outputs, read_parquet, write_parquet
 from components.modeling import load_reward_model, save_model
 from components.reward_model import RM_COLUMNS, fit, make_pairs, pairwise_accuracy, split_by_prompt
-from components.stage_cli import config_from_args, main_wrapper, parser
+from components.stage_cli import stage_main
 
 FRESH_HELDOUT = 0.2
 
@@ -70,16 +70,13 @@ def run(cfg: Config, rollouts: str | list[str], reward_model: str, history: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("rm_replay", "Retrain the reward model on fresh policy samples + replayed history.")
-    p.add_argument("--rollouts", required=True, nargs="+", help="this iteration's rollout Parquet files")
-    p.add_argument("--reward-model", required=True, help="current reward model directory")
-    p.add_argument("--history", nargs="*", default=[], help="the replay history so far (the RM's data, earlier buffers)")
-    p.add_argument("--out", required=True, help="output reward model directory")
-    p.add_argument("--buffer-out", required=True, help="output Parquet: the replay history with this iteration's samples")
-    p.add_argument("--iteration", type=int, default=0,
-                   help="outer iteration (seeds the held-out split of fresh samples)")
-    return main_wrapper(lambda a: run(config_from_args(a), a.rollouts, a.reward_model, a.history, a.out,
-                                      a.buffer_out, a.iteration), p, argv)
+    return stage_main(run, "Retrain the reward model on fresh policy samples + replayed history.", {
+        "rollouts": "the iteration's rollout tables (Parquet, every round)",
+        "reward_model": "current reward model directory",
+        "history": "the replay history so far (Parquet: the RM's data, earlier iterations' samples)",
+        "new_reward_model": "output: the retrained reward model directory",
+        "buffer": "output: Parquet of the replay history with this iteration's samples",
+        "iteration": "outer iteration (seeds the held-out split of fresh samples)"}, argv)
 
 
 if __name__ == "__main__":

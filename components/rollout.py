@@ -21,7 +21,7 @@ from components.grpo import group_advantages, zero_variance_fraction
 from components.io import read_parquet
 from components.modeling import chat_prompt, load_reward_model
 from components.reward_model import score
-from components.stage_cli import config_from_args, main_wrapper, parser
+from components.stage_cli import stage_main
 from components.rewards import rewards_for
 from components.timing import PhaseClock
 
@@ -103,16 +103,12 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("rollout", "Sample G completions per prompt, score them, compute group advantages.")
-    p.add_argument("--prompts", required=True, help="Parquet of prompts")
-    p.add_argument("--policy", required=True, help="policy directory (π_old)")
-    p.add_argument("--reward-model", help="reward model directory (omit to use rule-based rewards only)")
-    p.add_argument("--out", required=True, help="output Parquet of rollouts")
-    p.add_argument("--step", type=int, default=0, help="round index (seeds the prompt batch)")
-    p.add_argument("--policy-version", default="0", help="the policy version recorded on every row, e.g. 1.2")
-    p.add_argument("--shard", type=int, default=0, help="this shard of the round's prompts (of rollout.shards)")
-    return main_wrapper(lambda a: run(config_from_args(a), a.prompts, a.policy, a.reward_model, a.out,
-                                      a.step, a.policy_version, a.shard), p, argv)
+    return stage_main(run, "Sample G completions per prompt, score them, compute group advantages.", {
+        "prompts": "Parquet of prompts", "policy": "policy directory (π_old)",
+        "reward_model": "reward model directory (omit: rule-based rewards only)",
+        "rollouts": "output: the round's rollout table (Parquet)", "step": "round index (seeds the prompt batch)",
+        "policy_version": "the policy version recorded on every row, e.g. 1.2",
+        "shard": "this shard of the round's prompts (of rollout.shards)"}, argv)
 
 
 if __name__ == "__main__":

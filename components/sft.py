@@ -11,7 +11,7 @@ from components import tracking
 from components.config import Config
 from components.io import read_parquet
 from components.modeling import chat_prompt, initial_policy, load_policy, save_model
-from components.stage_cli import config_from_args, main_wrapper, parser
+from components.stage_cli import stage_main
 from components.rewards import reference_completion
 from components.training import train_steps
 
@@ -73,11 +73,9 @@ def run(cfg: Config, train: str, model: str, init: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("sft", "Supervised fine-tuning of the initial policy.")
-    p.add_argument("--train", required=True, help="Parquet of training prompts (prepare_data output)")
-    p.add_argument("--out", required=True, help="output HF model directory")
-    p.add_argument("--init", help="start from this model directory instead of config model.policy")
-    return main_wrapper(lambda a: run(config_from_args(a), a.train, a.out, a.init), p, argv)
+    return stage_main(run, "Supervised fine-tuning of the initial policy.", {
+        "train": "Parquet of training prompts (prepare_data's train)", "model": "output: the fine-tuned HF model directory",
+        "init": "start from this model directory instead of the config's model.policy"}, argv)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ plus its input/output paths, calls the stage's `run`, and prints one clear error
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
+import typing
 from typing import Any, Callable, Sequence
 
 from components.config import Config, ConfigError, config_from_json, load_config
@@ -67,6 +69,56 @@ def apply_process_settings(cfg: Config) -> None:
 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
+
+
+def _kind(annotation: Any) -> tuple[type, bool]:
+    """(the value type, whether several values are taken) of a `run` parameter's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in args):
+        return str, True
+    kinds = [a for a in (args or [annotation]) if a in (int, float, str)]
+    return (kinds[0] if kinds else str), False
+
+
+def stage_parameters(run: Callable[..., Any]) -> list[tuple[str, inspect.Parameter, type, bool]]:
+    """The parameters of a stage's `run` after `cfg`: (name, parameter, value type, takes several)."""
+    hints = typing.get_type_hints(run)
+    return [(name, param, *_kind(hints[name])) for name, param in list(inspect.signature(run).parameters.items())[1:]]
+
+
+def stage_main(run: Callable[..., Any], description: str, help: dict[str, str],
+               argv: Sequence[str] | None = None) -> int:
+    """A stage's command line, generated from its `run(cfg, ...)`: the inputs and outputs are declared
+    once, as `run`'s parameters. A parameter without a default is a required `--name`, a
+    `str | list[str]` takes one or more paths, the others their annotated type; `help` describes
+    each (every parameter must have an entry)."""
+    stage = run.__module__.rsplit(".", 1)[-1]
+    p = parser(stage, description)
+    for name, param, kind, several in stage_parameters(run):
+        kw: dict[str, Any] = {"dest": name, "help": help[name]}
+        if param.default is inspect.Parameter.empty:
+            kw["required"] = True
+        else:
+            kw["default"] = param.default
+        if several:
+            kw["nargs"] = "+"
+        elif kind is not str:
+            kw["type"] = kind
+        p.add_argument("--" + name.replace("_", "-"), **kw)
+    names = [name for name, *_ in stage_parameters(run)]
+    return main_wrapper(lambda a: run(config_from_args(a), **{n: getattr(a, n) for n in names}), p, argv)
+
+
+def stage_argv(run: Callable[..., Any], **values: Any) -> list[str]:
+    """The command-line arguments of `stage_main` that call `run` with `values` (None: left out)."""
+    argv: list[str] = []
+    for name, _, _, several in stage_parameters(run):
+        value = values.get(name)
+        if value is None:
+            continue
+        argv += ["--" + name.replace("_", "-"), *([str(v) for v in value] if several and isinstance(value, list)
+                                                 else [str(value)])]
+    return argv
 
 
 def main_wrapper(body: Callable[[argparse.Namespace], Any], p: argparse.ArgumentParser,

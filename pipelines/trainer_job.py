@@ -195,7 +195,9 @@ def run_multinode(cfg: Config, rollouts: str | list[str], policy: str, reference
     The arguments are those of `components.grpo_update.run`.
     """
     from components.artifacts import as_paths
+    from components import grpo_update
     from components.distributed import METRICS_ENV, RUN_ID_ENV, torchrun_command
+    from components.stage_cli import stage_argv
     from components.io import atomic_path
 
     g = cfg.grpo
@@ -221,8 +223,9 @@ def run_multinode(cfg: Config, rollouts: str | list[str], policy: str, reference
 
         env[RUN_ID_ENV] = mlflow_run_id
         env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-    command = torchrun_command(cfg, shared_rollouts, str(work / "policy"), shared_ref, str(work / "out"), step,
-                               g.nproc_per_node, g.nodes, launcher=["torchrun"])
+    stage_args = stage_argv(grpo_update.run, rollouts=shared_rollouts, policy=str(work / "policy"),
+                            reference=shared_ref, new_policy=str(work / "out"), step=step)
+    command = torchrun_command(cfg, stage_args, g.nproc_per_node, g.nodes, launcher=["torchrun"])
     manifest = build_trainjob(cfg, name, current_namespace(cfg), command, env)
     wait_kw.setdefault("timeout_s", tj.timeout_seconds)
     wait_kw.setdefault("poll_s", tj.poll_seconds)

@@ -125,15 +125,15 @@ class Case:
 def _stage_args(stage: str, env: dict, tmp: Path) -> tuple[list[str], list[Path]]:
     out = tmp / "out"
     if stage == "prepare_data":
-        return ["--train-out", str(out / "train.parquet"), "--test-out", str(out / "test.parquet")], \
+        return ["--train", str(out / "train.parquet"), "--test", str(out / "test.parquet")], \
             [out / "train.parquet", out / "test.parquet"]
     if stage == "sft":
-        return ["--train", str(env["train"]), "--out", str(out)], [out]
+        return ["--train", str(env["train"]), "--model", str(out)], [out]
     if stage == "rollout":
         return ["--prompts", str(env["train"]), "--policy", str(env["policy"]), "--reward-model",
-                str(env["rm_nan"]), "--out", str(tmp / "rollouts.parquet")], [tmp / "rollouts.parquet"]
+                str(env["rm_nan"]), "--rollouts", str(tmp / "rollouts.parquet")], [tmp / "rollouts.parquet"]
     if stage == "grpo_update":
-        return ["--policy", str(env["policy"]), "--out", str(out)], [out]
+        return ["--policy", str(env["policy"]), "--new-policy", str(out)], [out]
     if stage == "evaluate":
         return ["--test", str(env["test"]), "--out", str(tmp / "metrics.json")], [tmp / "metrics.json"]
     raise AssertionError(stage)

@@ -199,10 +199,14 @@ def test_distributed_optimizer_state_keys_roundtrip(untrained_policy):
 
 
 def test_torchrun_command_single_and_multi_node(cfg):
-    one = distributed.torchrun_command(cfg, ["r.parquet"], "p", None, "o", 3, 4)
-    assert one[-8:] == ["--rollouts", "r.parquet", "--policy", "p", "--out", "o", "--step", "3"]
+    from components.stage_cli import stage_argv
+
+    args = stage_argv(grpo_update.run, rollouts=["r.parquet"], policy="p", reference=None, new_policy="o", step=3)
+    one = distributed.torchrun_command(cfg, args, 4)
+    assert one[-8:] == ["--rollouts", "r.parquet", "--policy", "p", "--new-policy", "o", "--step", "3"]
     assert "--standalone" in one and "--nproc-per-node=4" in one and "--reference" not in one
-    multi = distributed.torchrun_command(cfg, ["a", "b"], "p", "ref", "o", 0, 8, nnodes=2, launcher=["torchrun"])
+    args = stage_argv(grpo_update.run, rollouts=["a", "b"], policy="p", reference="ref", new_policy="o", step=0)
+    multi = distributed.torchrun_command(cfg, args, 8, nnodes=2, launcher=["torchrun"])
     assert multi[:3] == ["torchrun", "--nnodes=2", "--nproc-per-node=8"] and "--standalone" not in multi
     assert multi[multi.index("--rollouts") + 1: multi.index("--rollouts") + 3] == ["a", "b"]
     assert multi[multi.index("--reference") + 1] == "ref"
@@ -212,7 +216,8 @@ def test_torchrun_command_single_and_multi_node(cfg):
 def test_launch_failure_is_reported(cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))
     with pytest.raises(distributed.DistributedLaunchError, match="exited with code 1"):
-        distributed.launch(update_cfg(nproc_per_node=2), ["x.parquet"], "p", None, str(tmp_path / "o"))
+        distributed.launch(update_cfg(nproc_per_node=2), ["--rollouts", "x.parquet", "--policy", "p",
+                                                          "--new-policy", str(tmp_path / "o")])
 
 
 # =========================================================================== truncated IS
@@ -611,8 +616,8 @@ def test_multinode_config_needs_a_shared_volume():
 
 def test_trainjob_manifest_structure():
     cfg = multinode_cfg()
-    cmd = distributed.torchrun_command(cfg, ["/mnt/s/j/rollouts/0.parquet"], "/mnt/s/j/policy", None, "/mnt/s/j/out",
-                                       5, 1, 2, launcher=["torchrun"])
+    cmd = distributed.torchrun_command(cfg, ["--rollouts", "/mnt/s/j/rollouts/0.parquet", "--policy", "/mnt/s/j/policy",
+                                             "--new-policy", "/mnt/s/j/out", "--step", "5"], 1, 2, launcher=["torchrun"])
     m = trainer_job.build_trainjob(cfg, "kfp-grpo-update-s5-abc", "team-a", cmd,
                                    {"KFP_GRPO_METRICS_OUT": "/mnt/s/j/metrics.json", "MLFLOW_TRACKING_URI": "http://m"})
     assert m["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and m["kind"] == "TrainJob"

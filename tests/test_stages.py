@@ -508,13 +508,13 @@ def test_cli_invalid_config_exit_2(capsys, data_dir, trained_policy, rm_result, 
     out = tmp_path / "out"
     cj = _json(**overrides)
     calls = [
-        (sft.main, ["--train", train, "--out", str(out)]),
-        (reward_model.main, ["--train", train, "--policy", str(trained_policy), "--out", str(out),
-                             "--data-out", str(tmp_path / "d.parquet")]),
-        (rollout.main, ["--prompts", train, "--policy", str(trained_policy), "--out", str(out)]),
-        (grpo_update.main, ["--rollouts", train, "--policy", str(trained_policy), "--out", str(out)]),
-        (rm_replay.main, ["--rollouts", train, "--reward-model", str(rm_result[0]), "--out", str(out),
-                          "--buffer-out", str(tmp_path / "b.parquet")]),
+        (sft.main, ["--train", train, "--model", str(out)]),
+        (reward_model.main, ["--train", train, "--policy", str(trained_policy), "--reward-model", str(out),
+                             "--rm-data", str(tmp_path / "d.parquet")]),
+        (rollout.main, ["--prompts", train, "--policy", str(trained_policy), "--rollouts", str(out)]),
+        (grpo_update.main, ["--rollouts", train, "--policy", str(trained_policy), "--new-policy", str(out)]),
+        (rm_replay.main, ["--rollouts", train, "--reward-model", str(rm_result[0]), "--history", str(rm_result[1]),
+                          "--new-reward-model", str(out), "--buffer", str(tmp_path / "b.parquet")]),
         (evaluate.main, ["--test", test, "--policy", str(trained_policy), "--out", str(out)]),
     ]
     for main, args in calls:
@@ -527,32 +527,32 @@ def test_cli_config_file_errors(capsys, data_dir, tmp_path):
     out = tmp_path / "sft"
     bad = tmp_path / "bad.yaml"
     bad.write_text("grpo:\n  beta: -1\n  eps_low: 0\nrollout: {group_size: 1}\n")
-    assert sft.main(["--config", str(bad), "--train", str(data_dir / "train.parquet"), "--out", str(out)]) == 2
+    assert sft.main(["--config", str(bad), "--train", str(data_dir / "train.parquet"), "--model", str(out)]) == 2
     _one_error_line(capsys, str(bad), "grpo.beta", "grpo.eps_low", "rollout.group_size")
     broken = tmp_path / "broken.yaml"
     broken.write_text("sft: {steps: [\n  1,\n")
-    assert sft.main(["--config", str(broken), "--train", str(data_dir / "train.parquet"), "--out", str(out)]) == 2
+    assert sft.main(["--config", str(broken), "--train", str(data_dir / "train.parquet"), "--model", str(out)]) == 2
     _one_error_line(capsys, str(broken), "not valid YAML")
     missing = tmp_path / "missing.yaml"
-    assert sft.main(["--config", str(missing), "--train", str(data_dir / "train.parquet"), "--out", str(out)]) == 2
+    assert sft.main(["--config", str(missing), "--train", str(data_dir / "train.parquet"), "--model", str(out)]) == 2
     _one_error_line(capsys, "config file not found", str(missing))
     assert no_artifact(out)
 
 
-def test_cli_missing_model_dirs(capsys, data_dir, trained_policy, rollout_result, tmp_path):
+def test_cli_missing_model_dirs(capsys, data_dir, trained_policy, rollout_result, rm_result, tmp_path):
     train, test = str(data_dir / "train.parquet"), str(data_dir / "test.parquet")
     missing = str(tmp_path / "no-such-model")
     out = tmp_path / "out"
     cj = _json()
     calls = [
-        (sft.main, ["--train", train, "--init", missing, "--out", str(out)]),
-        (reward_model.main, ["--train", train, "--policy", missing, "--out", str(out),
-                             "--data-out", str(tmp_path / "d.parquet")]),
-        (rollout.main, ["--prompts", train, "--policy", missing, "--out", str(out)]),
+        (sft.main, ["--train", train, "--init", missing, "--model", str(out)]),
+        (reward_model.main, ["--train", train, "--policy", missing, "--reward-model", str(out),
+                             "--rm-data", str(tmp_path / "d.parquet")]),
+        (rollout.main, ["--prompts", train, "--policy", missing, "--rollouts", str(out)]),
         (rollout.main, ["--prompts", train, "--policy", str(trained_policy), "--reward-model", missing,
-                        "--out", str(out)]),
-        (rm_replay.main, ["--rollouts", str(rollout_result[0]), "--reward-model", missing, "--out", str(out),
-                          "--buffer-out", str(tmp_path / "b.parquet")]),
+                        "--rollouts", str(out)]),
+        (rm_replay.main, ["--rollouts", str(rollout_result[0]), "--reward-model", missing, "--history",
+                          str(rm_result[1]), "--new-reward-model", str(out), "--buffer", str(tmp_path / "b.parquet")]),
         (evaluate.main, ["--test", test, "--policy", missing, "--out", str(out)]),
     ]
     for main, args in calls:
@@ -575,10 +575,10 @@ def test_cli_unloadable_model_dirs(capsys, data_dir, untrained_policy, tmp_path)
     cj = _json()
     for d in (pickled, no_config):
         calls = [
-            (sft.main, ["--train", train, "--init", str(d), "--out", str(out)]),
-            (reward_model.main, ["--train", train, "--policy", str(d), "--out", str(out),
-                                 "--data-out", str(tmp_path / "d.parquet")]),
-            (rollout.main, ["--prompts", train, "--policy", str(d), "--out", str(out)]),
+            (sft.main, ["--train", train, "--init", str(d), "--model", str(out)]),
+            (reward_model.main, ["--train", train, "--policy", str(d), "--reward-model", str(out),
+                                 "--rm-data", str(tmp_path / "d.parquet")]),
+            (rollout.main, ["--prompts", train, "--policy", str(d), "--rollouts", str(out)]),
             (evaluate.main, ["--test", train, "--policy", str(d), "--out", str(out)]),
         ]
         for main, args in calls:
@@ -592,14 +592,14 @@ def test_cli_grpo_update_missing_inputs(capsys, rollout_result, trained_policy, 
     missing = str(tmp_path / "no-such-model")
     cj = _json()
     assert grpo_update.main(["--config-json", cj, "--rollouts", str(rollout_result[0]), "--policy", missing,
-                             "--out", str(out)]) == 2
+                             "--new-policy", str(out)]) == 2
     _one_error_line(capsys, missing)
     assert grpo_update.main(["--config-json", cj, "--rollouts", str(rollout_result[0]), "--policy",
-                             str(trained_policy), "--reference", missing, "--out", str(out)]) == 2
+                             str(trained_policy), "--reference", missing, "--new-policy", str(out)]) == 2
     _one_error_line(capsys, missing)
     gone = str(tmp_path / "no-rollouts.parquet")
     assert grpo_update.main(["--config-json", cj, "--rollouts", gone, "--policy", str(trained_policy),
-                             "--out", str(out)]) == 2
+                             "--new-policy", str(out)]) == 2
     _one_error_line(capsys, "rollouts not found", gone)
     assert no_artifact(out)
 
@@ -617,21 +617,22 @@ def test_cli_malformed_datasets(capsys, data_dir, trained_policy, rm_result, tmp
     rollouts_no_ids = tmp_path / "bad-rollouts.parquet"
     write_parquet(pd.DataFrame({"prompt": ["x"], "completion": ["y"], "reward": [1.0]}), rollouts_no_ids)
     calls = [
-        (sft.main, ["--train", str(no_prompt), "--out", str(out)], ["prompt", str(no_prompt)]),
-        (sft.main, ["--train", str(not_parquet), "--out", str(out)], ["not a readable Parquet", str(not_parquet)]),
-        (sft.main, ["--train", str(empty), "--out", str(out)], ["empty", str(empty)]),
-        (reward_model.main, ["--train", str(no_prompt), "--policy", str(trained_policy), "--out", str(out),
-                             "--data-out", str(tmp_path / "d.parquet")], ["prompt", str(no_prompt)]),
-        (rollout.main, ["--prompts", str(no_prompt), "--policy", str(trained_policy), "--out", str(out)],
+        (sft.main, ["--train", str(no_prompt), "--model", str(out)], ["prompt", str(no_prompt)]),
+        (sft.main, ["--train", str(not_parquet), "--model", str(out)], ["not a readable Parquet", str(not_parquet)]),
+        (sft.main, ["--train", str(empty), "--model", str(out)], ["empty", str(empty)]),
+        (reward_model.main, ["--train", str(no_prompt), "--policy", str(trained_policy), "--reward-model", str(out),
+                             "--rm-data", str(tmp_path / "d.parquet")], ["prompt", str(no_prompt)]),
+        (rollout.main, ["--prompts", str(no_prompt), "--policy", str(trained_policy), "--rollouts", str(out)],
          ["prompt", str(no_prompt)]),
         (evaluate.main, ["--test", str(no_prompt), "--policy", str(trained_policy), "--out", str(out)],
          ["prompt", str(no_prompt)]),
         (evaluate.main, ["--test", str(empty), "--policy", str(trained_policy), "--out", str(out)],
          ["empty", str(empty)]),
-        (grpo_update.main, ["--rollouts", str(rollouts_no_ids), "--policy", str(trained_policy), "--out", str(out)],
+        (grpo_update.main, ["--rollouts", str(rollouts_no_ids), "--policy", str(trained_policy), "--new-policy", str(out)],
          ["completion_ids", str(rollouts_no_ids)]),
-        (rm_replay.main, ["--rollouts", str(rollouts_no_ids), "--reward-model", str(rm_result[0]), "--out", str(out),
-                          "--buffer-out", str(tmp_path / "b.parquet")], ["id", str(rollouts_no_ids)]),
+        (rm_replay.main, ["--rollouts", str(rollouts_no_ids), "--reward-model", str(rm_result[0]), "--history",
+                          str(rm_result[1]), "--new-reward-model", str(out), "--buffer", str(tmp_path / "b.parquet")],
+         ["id", str(rollouts_no_ids)]),
     ]
     for main, args, words in calls:
         assert main(["--config-json", cj, *args]) == 2, (main.__module__, args)
@@ -654,7 +655,7 @@ def test_cli_nan_reward_exit_2(capsys, data_dir, trained_policy, nan_rm, tmp_pat
     out = tmp_path / "rollouts.parquet"
     rc = rollout.main(["--config-json", _json(rollout={"prompts_per_step": 2}), "--prompts",
                        str(data_dir / "train.parquet"), "--policy", str(trained_policy),
-                       "--reward-model", str(nan_rm), "--out", str(out)])
+                       "--reward-model", str(nan_rm), "--rollouts", str(out)])
     assert rc == 2
     _one_error_line(capsys, "NaN", "reward")
     assert no_artifact(out)
@@ -687,7 +688,7 @@ def test_python_m_stage_bad_config_exit_2(data_dir, trained_policy, tmp_path):
     bad.write_text("rollout: {group_size: 1}\ngrpo: {beta: -0.1, eps_low: 0}\n")
     out = tmp_path / "rollouts.parquet"
     res = _run_module("rollout", "--config", str(bad), "--prompts", str(data_dir / "train.parquet"),
-                      "--policy", str(trained_policy), "--out", str(out))
+                      "--policy", str(trained_policy), "--rollouts", str(out))
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
@@ -698,7 +699,7 @@ def test_python_m_stage_bad_config_exit_2(data_dir, trained_policy, tmp_path):
 
 def test_cli_usage_errors_are_argparse_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
-        sft.main(["--out", "x"])  # --train missing
+        sft.main(["--model", "x"])  # --train missing
     assert info.value.code == 2
     assert "--train" in capsys.readouterr().err
 

@@ -455,8 +455,8 @@ def _cfg_json(**data) -> str:
 def test_run_and_cli_write_both_tables(tmp_path, capsys):
     out = tmp_path / "out"
     cfg_json = _cfg_json(num_train=40, num_test=10)
-    rc = prepare_data.main(["--config-json", cfg_json, "--train-out", str(out / "train.parquet"),
-                            "--test-out", str(out / "test.parquet")])
+    rc = prepare_data.main(["--config-json", cfg_json, "--train", str(out / "train.parquet"),
+                            "--test", str(out / "test.parquet")])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result == {"num_train": 40, "num_test": 10, "source": "arithmetic"}
@@ -472,7 +472,7 @@ def test_cli_bad_input_exits_2_one_line_no_output(tmp_path, capsys):
     bad = _write_jsonl(tmp_path / "bad.jsonl", [PLAIN[0], {"prompt": "q", "answer": "n/a"}])
     out = tmp_path / "out"
     rc = prepare_data.main(["--config-json", _cfg_json(source="file", path=str(bad), num_test=1),
-                            "--train-out", str(out / "train.parquet"), "--test-out", str(out / "test.parquet")])
+                            "--train", str(out / "train.parquet"), "--test", str(out / "test.parquet")])
     captured = capsys.readouterr()
     assert rc == 2
     lines = captured.err.strip().splitlines()
@@ -484,13 +484,13 @@ def test_cli_bad_input_exits_2_one_line_no_output(tmp_path, capsys):
 def test_cli_as_module_subprocess(tmp_path):
     """`python -m components.prepare_data` works end to end (and fails cleanly)."""
     out = tmp_path / "o"
-    args = [sys.executable, "-m", "components.prepare_data", "--train-out", str(out / "tr.parquet"),
-            "--test-out", str(out / "te.parquet")]
+    args = [sys.executable, "-m", "components.prepare_data", "--train", str(out / "tr.parquet"),
+            "--test", str(out / "te.parquet")]
     ok = subprocess.run(args + ["--config-json", _cfg_json(num_train=20, num_test=5)],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert len(pd.read_parquet(out / "te.parquet")) == 5
-    bad = subprocess.run(args[:3] + ["--train-out", str(tmp_path / "x" / "tr.parquet"), "--test-out",
+    bad = subprocess.run(args[:3] + ["--train", str(tmp_path / "x" / "tr.parquet"), "--test",
                                      str(tmp_path / "x" / "te.parquet"), "--config-json",
                                      _cfg_json(source="file", path=str(tmp_path / "missing.jsonl"))],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
