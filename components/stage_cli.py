@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from components.config import Config, ConfigError, config_from_json, load_config
@@ -71,17 +72,19 @@ def apply_process_settings(cfg: Config) -> None:
         torch.set_num_threads(cfg.torch_threads)
 
 
-def _kind(annotation: Any) -> tuple[type, bool]:
-    """(the value type, whether several values are taken) of a `run` parameter's annotation."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+def _kind(annotation: Any) -> tuple[type, bool, bool]:
+    """(the value type, whether several values are taken, whether it may be None) of a `run` parameter."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    args = [a for a in args if a is not type(None)]
     if typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in args):
-        return str, True
+        return str, True, optional
     kinds = [a for a in (args or [annotation]) if a in (int, float, str)]
-    return (kinds[0] if kinds else str), False
+    return (kinds[0] if kinds else str), False, optional
 
 
-def stage_parameters(run: Callable[..., Any]) -> list[tuple[str, inspect.Parameter, type, bool]]:
-    """The parameters of a stage's `run` after `cfg`: (name, parameter, value type, takes several)."""
+def stage_parameters(run: Callable[..., Any]) -> list[tuple[str, inspect.Parameter, type, bool, bool]]:
+    """The parameters of a stage's `run` after `cfg`: (name, parameter, value type, takes several, may be None)."""
     hints = typing.get_type_hints(run)
     return [(name, param, *_kind(hints[name])) for name, param in list(inspect.signature(run).parameters.items())[1:]]
 
@@ -91,15 +94,15 @@ def stage_main(run: Callable[..., Any], description: str, help: dict[str, str],
     """A stage's command line, generated from its `run(cfg, ...)`: the inputs and outputs are declared
     once, as `run`'s parameters. A parameter without a default is a required `--name`, a
     `str | list[str]` takes one or more paths, the others their annotated type; `help` describes
-    each (every parameter must have an entry)."""
-    stage = run.__module__.rsplit(".", 1)[-1]
+    each (every parameter must have an entry). A parameter that may be None is optional."""
+    stage = Path(inspect.getfile(run)).stem  # (`run.__module__` is "__main__" under `python -m`)
     p = parser(stage, description)
-    for name, param, kind, several in stage_parameters(run):
+    for name, param, kind, several, optional in stage_parameters(run):
         kw: dict[str, Any] = {"dest": name, "help": help[name]}
-        if param.default is inspect.Parameter.empty:
-            kw["required"] = True
-        else:
+        if param.default is not inspect.Parameter.empty:
             kw["default"] = param.default
+        elif not optional:
+            kw["required"] = True
         if several:
             kw["nargs"] = "+"
         elif kind is not str:
@@ -112,7 +115,7 @@ def stage_main(run: Callable[..., Any], description: str, help: dict[str, str],
 def stage_argv(run: Callable[..., Any], **values: Any) -> list[str]:
     """The command-line arguments of `stage_main` that call `run` with `values` (None: left out)."""
     argv: list[str] = []
-    for name, _, _, several in stage_parameters(run):
+    for name, _, _, several, _ in stage_parameters(run):
         value = values.get(name)
         if value is None:
             continue

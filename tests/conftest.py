@@ -109,8 +109,10 @@ def _isolated_tracking_uri(monkeypatch):
     from components import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # `mlflow.set_experiment` sets it
     monkeypatch.setattr(utils, "_tracking_uri", None)
     monkeypatch.setattr(fluent, "_active_experiment_id", None)
     monkeypatch.setattr(tracking, "_REACHABLE", set())  # the once-per-process reachability probe
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
