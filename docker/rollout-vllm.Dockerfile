@@ -12,6 +12,10 @@ FROM python:3.11.13-slim-bookworm
 ARG VERSION=0.1.0
 ARG TORCH_VERSION=2.13.0
 ARG VLLM_VERSION=0.32.0
+# vLLM 0.32.0 needs older transformers (<5.20), fastapi (<0.137) and numpy (<2.4) than
+# constraints.txt (the trainers' set) pins: here they are pinned to what pip resolved
+# for vLLM with the rest of constraints.txt (2026-12-01); every other pin is kept.
+ARG VLLM_PINS="transformers==5.19.0 fastapi==0.136.3 numpy==2.3.5"
 # An extra index whose torch build wins over PyPI's (e.g. 2.13.0+cu128); empty: PyPI's.
 ARG TORCH_INDEX_URL=
 # Build-time pip settings (docker/Makefile CA_BUNDLE=, WHEELS=), see trainer-cpu.Dockerfile.
@@ -45,9 +49,10 @@ RUN apt-get update \
 
 WORKDIR /opt/kfp-grpo
 
-# Every install is pinned by the repository's constraints file (vLLM's own
-# dependencies, which it does not list, float within vLLM's ranges).
+# Every install is pinned by the repository's constraints file, with VLLM_PINS in place
+# of its own pins for those packages (packages it does not list float within vLLM's ranges).
 COPY constraints.txt ./
+RUN for pin in ${VLLM_PINS}; do sed -i "/^${pin%%==*}==/Id" constraints.txt && echo "$pin" >> constraints.txt; done
 
 # Layer 1: torch at exactly the version vLLM pins (CUDA build).
 RUN --mount=type=bind,source=docker/build-extras,target=/tmp/build-extras \

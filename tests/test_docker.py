@@ -272,6 +272,15 @@ def test_rollout_image_brings_vllm_with_the_trainers_torch() -> None:
     torch_versions = {re.search(r"torch==([\w.]+)", " ".join(dockerfile(n).pip_installs())).group(1)
                       for n in PROJECT_IMAGES.values()}
     assert torch_versions == {"2.13.0"}
+    # vLLM's narrower pins replace constraints.txt's for those packages only
+    constraints = {line.split("==")[0].lower() for line in (ROOT / "constraints.txt").read_text().splitlines()
+                   if "==" in line and not line.startswith("#")}
+    specs = {Requirement(r).name: Requirement(r) for r in PROJECT["dependencies"]}
+    for pin in rollout.args["VLLM_PINS"].split():
+        package, _, version = pin.partition("==")
+        assert package.lower() in constraints, f"VLLM_PINS: {package} is not pinned by constraints.txt"
+        if package in specs:
+            assert specs[package].specifier.contains(Version(version)), f"{pin} vs pyproject's {specs[package]}"
 
 
 def test_mlflow_image_has_what_the_chart_needs() -> None:
