@@ -154,7 +154,7 @@ def test_a_task_that_exits_non_zero_fails_the_run(engine, images, tmp_path) -> N
             pipeline(code=3)
 
 
-def test_reduced_pipeline_runs_in_containers_and_registers_a_loadable_champion(engine, images, tmp_path, capfd,
+def test_reduced_pipeline_runs_in_containers_and_registers_a_loadable_policy(engine, images, tmp_path, capfd,
                                                                                monkeypatch) -> None:
     import mlflow
     import torch
@@ -175,14 +175,18 @@ def test_reduced_pipeline_runs_in_containers_and_registers_a_loadable_champion(e
     # every task ran in its container
     ran = re.findall(r"kfp-grpo: task container \w+ from (\S+)", out)
     assert ran == [images["cpu"]] * 10, ran
-    assert summary["promoted"] and summary["tracking_uri"] == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
-    # the server kept its store in the workdir; the champion loads with plain transformers
+    assert summary["tracking_uri"] == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+    # the server kept its store in the workdir; the registered policy loads with plain transformers.
+    # (It is also the champion only if GRPO beat the start, which 20 SFT steps and one round do not promise.)
     assert (workdir / "mlflow-server.log").exists()
     client = mlflow.MlflowClient(summary["tracking_uri"])
-    champion = client.get_model_version_by_alias("kfp-grpo-policy", "champion")
-    assert client.get_run(champion.run_id).info.status == "FINISHED"
-    assert champion.source.startswith("mlflow-artifacts:/")
-    path = workdir / "mlartifacts" / champion.source.removeprefix("mlflow-artifacts:/")
+    registered = client.get_model_version_by_alias("kfp-grpo-policy", "challenger")
+    assert str(registered.version) == summary["policy_version"]
+    if summary["promoted"]:
+        assert client.get_model_version_by_alias("kfp-grpo-policy", "champion").version == registered.version
+    assert client.get_run(registered.run_id).info.status == "FINISHED"
+    assert registered.source.startswith("mlflow-artifacts:/")
+    path = workdir / "mlartifacts" / registered.source.removeprefix("mlflow-artifacts:/")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     ids = tokenizer("What is 2 + 3?", return_tensors="pt").input_ids
     with torch.no_grad():
