@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from components import tracking
 from pipelines import cli, containers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,6 @@ def test_a_task_that_exits_non_zero_fails_the_run(engine, images, tmp_path) -> N
 
 def test_reduced_pipeline_runs_in_containers_and_registers_a_loadable_policy(engine, images, tmp_path, capfd,
                                                                                monkeypatch) -> None:
-    import mlflow
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,7 +164,7 @@ def test_reduced_pipeline_runs_in_containers_and_registers_a_loadable_policy(eng
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     workdir = tmp_path / "w"
     start = time.monotonic()
-    code = cli.main(["run", "--runner", "docker", "--workdir", str(workdir), "--json", "--mlflow-image",
+    code = cli.main(["run", "--runner", "docker", "--workdir", str(workdir), "--output", "json", "--mlflow-image",
                      images["mlflow"], *_sets([f"cluster.images.cpu={images['cpu']}", *REDUCED])])
     seconds = time.monotonic() - start
     out = capfd.readouterr().out
@@ -172,21 +172,23 @@ def test_reduced_pipeline_runs_in_containers_and_registers_a_loadable_policy(eng
     summary = json.loads(out[out.rindex("\n{\n") + 1:])
     with capfd.disabled():
         print(f"\nreduced pipeline in containers: {seconds:.0f} s; {summary['text'].strip()}")
-    # every task ran in its container
-    ran = re.findall(r"kfp-grpo: task container \w+ from (\S+)", out)
-    assert ran == [images["cpu"]] * 10, ran
+    # every task ran in its container (each task's log names it)
+    logs = sorted(Path(summary["logs"]).glob("*.log"))
+    ran = [re.findall(r"kfp-grpo: task container \w+ from (\S+)", log.read_text()) for log in logs
+           if log.name != "run.log"]
+    assert ran == [[images["cpu"]]] * 10, dict(zip([log.name for log in logs], ran))
     assert summary["tracking_uri"] == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
-    # the server kept its store in the workdir; the registered policy loads with plain transformers.
-    # (It is also the champion only if GRPO beat the start, which 20 SFT steps and one round do not promise.)
+    # The server kept its store in the workdir: served again from the MLflow image, the registered
+    # policy downloads to a directory plain transformers loads. (It is also the champion only if
+    # GRPO beat the start, which 20 SFT steps and one round do not promise.)
     assert (workdir / "mlflow-server.log").exists()
-    client = mlflow.MlflowClient(summary["tracking_uri"])
-    registered = client.get_model_version_by_alias("kfp-grpo-policy", "challenger")
-    assert str(registered.version) == summary["policy_version"]
-    if summary["promoted"]:
-        assert client.get_model_version_by_alias("kfp-grpo-policy", "champion").version == registered.version
-    assert client.get_run(registered.run_id).info.status == "FINISHED"
-    assert registered.source.startswith("mlflow-artifacts:/")
-    path = workdir / "mlartifacts" / registered.source.removeprefix("mlflow-artifacts:/")
+    with containers.mlflow_server(engine["client"], images["mlflow"], workdir) as uri:
+        client = tracking.client(uri)  # also the process default, for download_model
+        registered = client.get_model_version_by_alias("kfp-grpo-policy", "challenger")
+        assert str(registered.version) == summary["policy_version"]
+        if summary["promoted"]:
+            assert client.get_model_version_by_alias("kfp-grpo-policy", "champion").version == registered.version
+        path = tracking.download_model(f"models:/kfp-grpo-policy/{registered.version}", str(tmp_path / "policy"))
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     ids = tokenizer("What is 2 + 3?", return_tensors="pt").input_ids
     with torch.no_grad():
