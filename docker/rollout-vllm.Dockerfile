@@ -15,8 +15,8 @@ ARG VLLM_VERSION=0.32.0
 # vLLM 0.32.0 needs older transformers (<5.20), fastapi (<0.137) and numpy (<2.4) than
 # constraints.txt (the trainers' set) pins: here they are pinned to what pip resolved
 # for vLLM with the rest of constraints.txt (2026-12-01); every other pin is kept.
-# Known broken: the project now requires transformers >= 5.24, which no vLLM release
-# (0.32.0, 0.33.0) accepts, so this build fails at pip's resolution until one does.
+# They must stay inside pyproject.toml's ranges (tests/test_docker.py checks it): vLLM
+# 0.32.0/0.33.0 accept transformers < 5.20/5.21 only.
 ARG VLLM_PINS="transformers==5.19.0 fastapi==0.136.3 numpy==2.3.5"
 # An extra index whose torch build wins over PyPI's (e.g. 2.13.0+cu128); empty: PyPI's.
 ARG TORCH_INDEX_URL=

@@ -274,8 +274,6 @@ def test_rollout_image_brings_vllm_with_the_trainers_torch() -> None:
     assert torch_versions == {"2.13.0"}
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM 0.32.0/0.33.0 need transformers < 5.20/5.21, the project >= 5.24: "
-                                       "no vLLM release fits, the rollout image cannot be built")
 def test_rollout_image_vllm_pins_fit_the_project() -> None:
     """vLLM's narrower pins (VLLM_PINS) replace constraints.txt's for those packages only."""
     rollout = dockerfile("rollout-vllm.Dockerfile")
