@@ -1,18 +1,19 @@
-# syntax=docker/dockerfile:1.7
-# MLflow tracking server for the Helm chart (helm/kfp-grpo): the official MLflow
-# image plus what the chart's setup needs and the base image lacks — the PostgreSQL
-# driver (backend + basic-auth user store), boto3 (S3-compatible artifact store,
-# also used by the chart's setup Job to create the bucket) and the `auth` extra
-# (Flask-WTF, for `--app-name basic-auth`) — running as a non-root user.
+# MLflow tracking server for the Helm chart (helm/kfp-grpo) and for
+# `kfp-grpo run --runner docker`: MLflow (server + UI, the `auth` extra with Flask-WTF
+# for `--app-name basic-auth`), the PostgreSQL driver (backend + basic-auth user store)
+# and boto3 (S3-compatible artifact store, also used by the chart's setup Job to create
+# the bucket), on the same Python base as the project's images, running as a non-root user.
 #
-#   docker build -f docker/mlflow.Dockerfile -t ghcr.io/kfp-grpo/mlflow-server:0.1.0 docker
-# (it copies nothing, so any context works).
-FROM ghcr.io/mlflow/mlflow:v3.17.2
+#   docker build -f docker/mlflow.Dockerfile -t ghcr.io/kfp-grpo/mlflow-server:0.1.0 .
+# or `make -C docker build-mlflow-server` (see docker/README.md).
+FROM python:3.11.13-slim-bookworm
 
 ARG VERSION=0.1.0
 ARG MLFLOW_VERSION=3.17.2
 ARG PSYCOPG2_VERSION=2.9.13
 ARG BOTO3_VERSION=1.44.5
+# Build-time pip settings (docker/Makefile CA_BUNDLE=, WHEELS=), see trainer-cpu.Dockerfile.
+ARG PIP_CONFIG_FILE=/tmp/build-extras/pip.conf
 
 LABEL org.opencontainers.image.title="kfp-grpo MLflow server" \
       org.opencontainers.image.description="MLflow tracking server with PostgreSQL, S3 and basic-auth support for kfp-grpo" \
@@ -27,10 +28,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     HOME=/home/mlflow
 
-RUN pip install "mlflow[auth]==${MLFLOW_VERSION}" \
+COPY constraints.txt /tmp/constraints.txt
+RUN --mount=type=bind,source=docker/build-extras,target=/tmp/build-extras \
+    pip install -c /tmp/constraints.txt "mlflow[auth]==${MLFLOW_VERSION}" \
         "psycopg2-binary==${PSYCOPG2_VERSION}" \
         "boto3==${BOTO3_VERSION}" \
- && useradd --uid 10001 --gid 0 --create-home --home-dir /home/mlflow --shell /usr/sbin/nologin mlflow
+ && rm /tmp/constraints.txt \
+ && useradd --uid 10001 --gid 0 --create-home --home-dir /home/mlflow --shell /usr/sbin/nologin mlflow \
+ && chmod -R g=u /home/mlflow
 USER 10001
 WORKDIR /home/mlflow
 EXPOSE 5000

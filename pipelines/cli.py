@@ -64,7 +64,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     try:
-        summary = run_local(cfg, Path(args.workdir), _init_args(args, cfg), args.resume or "", args.verbose)
+        if args.runner == "docker":
+            from pipelines.containers import run_in_containers
+
+            summary = run_in_containers(cfg, Path(args.workdir), _init_args(args, cfg), args.resume or "",
+                                        args.verbose, args.mlflow_image)
+        else:
+            summary = run_local(cfg, Path(args.workdir), _init_args(args, cfg), args.resume or "", args.verbose)
     except PipelineFailed as err:
         if err.parent_run_id:  # the same command, resuming the run: completed tasks are not run again
             argv, skip = [], False
@@ -207,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream every task's output to the terminal too (it always goes to <workdir>/logs/)")
     r.add_argument("--resume", metavar="MLFLOW_RUN_ID",
                    help="continue an interrupted run (same --workdir, config and --set): completed tasks are skipped")
+    r.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                   help="subprocess: every task in this environment; docker: every task in the image its placement "
+                        "names (cluster.images), through Docker or podman's Docker API (docker/README.md)")
+    r.add_argument("--mlflow-image", default="", help="--runner docker: the MLflow server image "
+                                                      "(default ghcr.io/kfp-grpo/mlflow-server:<version>)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compile", help="write the pipeline IR YAML for a config", formatter_class=formatter)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -135,13 +136,14 @@ def task_names(pipeline) -> dict[str, tuple[str, str, int]]:
 
 
 def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: str = "",
-              verbose: bool = False) -> dict:
+              verbose: bool = False, runner: object = None) -> dict:
     """Compile-and-run the pipeline with kfp.local's SubprocessRunner; return a summary.
 
     Task outputs are cached under `<workdir>/cache`; `resume_run_id` (an interrupted run's
     MLflow parent run, same workdir and config) reruns only the tasks that did not complete.
     The terminal gets one line per task (`pipelines.progress`); each task's output goes to
     `<workdir>/logs/<time>/<task>.log` (`verbose`: to the terminal as well).
+    `runner`: another kfp.local runner (pipelines/containers.py: every task in its image).
     """
     from kfp import local
 
@@ -157,7 +159,7 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
     warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner.*")
     warnings.filterwarnings("ignore", message=r".*custom or non-Python base image.*")
     keep_upstream_parameters_in_loops()  # rollout.shards > 1: the shards need the parent run id
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str((workdir / "kfp").resolve()),
+    local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str((workdir / "kfp").resolve()),
                raise_on_error=True, enable_caching=True, cache_root=str((workdir / "cache").resolve()))
     pipeline = build_pipeline(cfg, resume_run_id=resume_run_id, caching=True)
     tasks = task_names(pipeline)
@@ -197,8 +199,10 @@ def _newest(root: Path, kfp_name: str) -> Path | None:
 
 def format_summary(s: dict, cfg: Config) -> str:
     """The run's outcome in a few lines: accuracy before → after, the promotion decision, where to look."""
-    ui = (f"mlflow ui --backend-store-uri {s['tracking_uri']}" if s["tracking_uri"].startswith("sqlite")
-          else f"open {s['tracking_uri']}")
+    ui = s.get("browse") or (f"mlflow ui --backend-store-uri {s['tracking_uri']}"
+                             if s["tracking_uri"].startswith("sqlite") else f"open {s['tracking_uri']}")
+    if ui.startswith("mlflow ui") and importlib.util.find_spec("flask") is None:
+        ui = f"pip install mlflow && {ui}"  # kfp-grpo needs only mlflow-skinny; the UI is mlflow's
     start, final, champion = s["start_accuracy"], s["challenger_accuracy"], s["champion_accuracy"]
     verdict = ("GRPO improved on it" if final > start else
                "GRPO did NOT improve on it, so nothing was promoted")

@@ -249,10 +249,20 @@ def test_installed_extras_and_pins_agree_with_pyproject(name: str) -> None:
 def test_cpu_image_installs_cpu_torch_wheels() -> None:
     df = dockerfile("trainer-cpu.Dockerfile")
     torch = next(a for a in df.pip_installs() if "torch==" in a)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in torch.replace('"', "")
+    # The CPU index is an extra index: its 2.13.0+cpu sorts above PyPI's (CUDA) 2.13.0.
+    assert df.args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in torch.replace('"', "")
     assert "torch==2.13.0" in torch.replace('"', "")
+    # ... and the build fails if a CUDA build got in after all.
+    assert "torch.version.cuda" in next(r for r in df.all("RUN") if "torch==" in r)
     # torch comes first, so the project install finds it satisfied and keeps the CPU build.
     assert df.index("RUN", "torch==") < df.index("RUN", "pip uninstall -y kfp-grpo")
+
+
+@pytest.mark.parametrize("name", ["trainer-cuda.Dockerfile", "rollout-vllm.Dockerfile"])
+def test_cuda_images_refuse_a_cpu_torch(name: str) -> None:
+    run = next(r for r in dockerfile(name).all("RUN") if "torch==" in r)
+    assert "torch.version.cuda" in run and "CPU-only" in run
 
 
 def test_rollout_image_brings_vllm_with_the_trainers_torch() -> None:
@@ -264,16 +274,62 @@ def test_rollout_image_brings_vllm_with_the_trainers_torch() -> None:
     assert torch_versions == {"2.13.0"}
 
 
+def test_rollout_image_vllm_pins_fit_the_project() -> None:
+    """vLLM's narrower pins (VLLM_PINS) replace constraints.txt's for those packages only."""
+    rollout = dockerfile("rollout-vllm.Dockerfile")
+    constraints = {line.split("==")[0].lower() for line in (ROOT / "constraints.txt").read_text().splitlines()
+                   if "==" in line and not line.startswith("#")}
+    specs = {Requirement(r).name: Requirement(r) for r in PROJECT["dependencies"]}
+    for pin in rollout.args["VLLM_PINS"].split():
+        package, _, version = pin.partition("==")
+        assert package.lower() in constraints, f"VLLM_PINS: {package} is not pinned by constraints.txt"
+        if package in specs:
+            assert specs[package].specifier.contains(Version(version)), f"{pin} vs pyproject's {specs[package]}"
+
+
 def test_mlflow_image_has_what_the_chart_needs() -> None:
     df = dockerfile("mlflow.Dockerfile")
-    base = df.all("FROM")[0]
     installs = " ".join(df.pip_installs())
     mlflow_version = df.args["MLFLOW_VERSION"]
-    assert base == f"ghcr.io/mlflow/mlflow:v{mlflow_version}"
+    # The same base as the project images: one locally made stand-in serves every build.
+    assert df.all("FROM") == dockerfile("trainer-cpu.Dockerfile").all("FROM")
     assert f"mlflow[auth]=={mlflow_version}" in installs  # --app-name basic-auth needs Flask-WTF
+    assert f"mlflow=={mlflow_version}" in (ROOT / "constraints.txt").read_text().splitlines()
     assert "psycopg2-binary==" in installs and "boto3==" in installs
+    assert df.all("CMD") and "mlflow" in df.all("CMD")[0]
     chart = yaml.safe_load((ROOT / "helm" / "kfp-grpo" / "Chart.yaml").read_text())
     assert chart["annotations"]["kfp-grpo/mlflow-version"] == mlflow_version
+
+
+# ----------------------------------------------------- builds anywhere, offline
+@pytest.mark.parametrize("name", sorted(ALL_IMAGES.values()))
+def test_no_frontend_pull(name: str) -> None:
+    """A `# syntax=` line makes BuildKit pull its Dockerfile frontend from a registry."""
+    first = (DOCKER / name).read_text().lstrip().splitlines()[0]
+    assert not first.replace(" ", "").lower().startswith("#syntax="), f"{name}: {first}"
+
+
+@pytest.mark.parametrize("name", sorted(ALL_IMAGES.values()))
+def test_pip_installs_use_the_constraints_and_the_build_options(name: str) -> None:
+    df = dockerfile(name)
+    mount = "--mount=type=bind,source=docker/build-extras,target=/tmp/build-extras"
+    assert df.args["PIP_CONFIG_FILE"] == "/tmp/build-extras/pip.conf"
+    for rest in df.all("RUN"):
+        if "pip install" not in rest:
+            continue
+        assert rest.startswith(mount), f"{name}: a pip step without the build options: {rest[:80]}"
+        for command in re.split(r"&&|;", rest):
+            if "pip install" in command and "--no-deps" not in command:
+                assert re.search(r"-c \S*constraints\.txt", command), f"{name}: unconstrained: {command.strip()[:80]}"
+    patterns = (DOCKER / f"{name}.dockerignore").read_text().split()
+    assert "!docker/build-extras/" in patterns and "!constraints.txt" in patterns
+    assert (ROOT / "docker" / "build-extras" / "README.md").exists()
+
+
+@pytest.mark.parametrize("script", ["setup-podman.sh", "make-base-image.sh"])
+def test_scripts_parse(script: str) -> None:
+    result = subprocess.run(["bash", "-n", str(DOCKER / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 # ------------------------------------------------------------------- Makefile
@@ -312,3 +368,17 @@ def test_makefile_builds_and_pushes_every_image(make: str) -> None:
         assert f"-f {DOCKER / file}" in line and f"--build-arg VERSION={VERSION}" in line
         assert line.rstrip().endswith(str(ROOT)), "the build context must be the repository root"
         assert f"docker push registry.example.com/ml/{image}:{VERSION}" in push
+
+
+def test_makefile_passes_the_ignore_file_to_podman(make: str) -> None:
+    for engine in ("podman", "/usr/bin/buildah"):
+        build = run_make(make, "-n", "build-trainer-cpu", f"DOCKER={engine}")
+        assert f"--ignorefile {DOCKER / 'trainer-cpu.Dockerfile.dockerignore'}" in build
+    assert "--ignorefile" not in run_make(make, "-n", "build-trainer-cpu")  # Docker reads it itself
+
+
+def test_makefile_build_options(make: str) -> None:
+    build = run_make(make, "-n", "build-trainer-cpu", "CA_BUNDLE=/x/ca.crt", "WHEELS=/x/wheels", "TORCH_INDEX_URL=")
+    assert "cert = /tmp/build-extras/ca.pem" in build and "find-links = /tmp/build-extras/wheels" in build
+    assert "--build-arg TORCH_INDEX_URL= " in build  # set empty: no extra torch index
+    assert "TORCH_INDEX_URL" not in run_make(make, "-n", "build-trainer-cpu")  # unset: the Dockerfile's default
