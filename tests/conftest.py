@@ -116,3 +116,36 @@ def _isolated_tracking_uri(monkeypatch):
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+# --------------------------------------------------------------------------- GPU-scale fixtures
+@pytest.fixture(scope="session")
+def scale_work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("scale")
+
+
+@pytest.fixture(scope="session")
+def scale_rollouts(scale_work, data_dir, untrained_policy) -> dict[float, Path]:
+    """One round of rollouts of the untrained tiny policy at temperature 1.0 and at 0.7."""
+    from components import rollout
+    from tests.scale import synthetic_advantages
+
+    out = {}
+    for tau in (1.0, 0.7):
+        path = scale_work / f"rollouts-{tau}.parquet"
+        rollout.run(fast_config(rollout={"temperature": tau}), str(data_dir / "train.parquet"),
+                    str(untrained_policy), None, str(path))
+        synthetic_advantages(path)
+        out[tau] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def round1(scale_work, scale_rollouts, untrained_policy) -> Path:
+    """A single-process update: a policy directory with optimizer state, as a later round sees it."""
+    from components import grpo_update
+    from tests.scale import update_cfg
+
+    out = scale_work / "round1"
+    grpo_update.run(update_cfg(), [str(scale_rollouts[1.0])], str(untrained_policy), None, str(out))
+    return out

@@ -7,6 +7,7 @@ subprocesses (SubprocessRunner), tracked in a real MLflow SQLite store.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -62,7 +63,7 @@ def test_local_run_prints_one_line_per_task_and_logs_each_task_to_its_file(local
     lines = text.splitlines()
     assert len(lines) <= 100, f"{len(lines)} lines"
     names = [t.name for t in algorithm1(load_config())] + ["start-tracking"]
-    counted = [line for line in lines if line.startswith("[")]
+    counted = [line for line in lines if re.match(r"\[ *\d+/\d+\] ", line)]  # not the "[tracking] ..." lines
     assert len(counted) == len(names)
     assert counted[-1].startswith(f"[{len(names)}/{len(names)}] promote")
     assert all("ETA" in line for line in counted[:-1])
@@ -100,8 +101,10 @@ def test_local_run_tracks_parent_and_nested_runs(local_run):
     update = next(r for r in children if r.data.tags["kfp_grpo.stage"] == "grpo_update")
     assert {"update/kl", "update/clip_fraction", "update/loss", "update/entropy"} <= set(update.data.metrics)
     assert len(c.get_metric_history(parent.info.run_id, "rollout/reward_mean")) == rounds
-    artifacts = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"curves.png", "policy", "reward_model"} <= artifacts
+    assert "curves.png" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+    # the registered models are MLflow logged models of the parent run
+    logged = c.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{parent.info.run_id}'")
+    assert {"policy", "reward_model"} <= {m.name for m in logged}
     assert parent.data.params["grpo.beta"] == str(cfg.grpo.beta)
 
 
