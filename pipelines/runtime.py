@@ -78,11 +78,17 @@ def run_task(run_fn: Callable[..., dict], name: str, config_json: str, parent_ru
         write_metrics_file(metrics_artifact)
     if parent_run_id and not (stage == "rollout" and cfg.rollout.shards > 1):  # shards: `gather` logs the round
         step = int(kwargs.get("step", kwargs.get("iteration", 0)))
-        c = mlflow.MlflowClient()
-        for k in PARENT_METRICS:
-            if k in numeric:
-                c.log_metric(parent_run_id, k, numeric[k], step=step)
+        log_to_run(mlflow.MlflowClient(), parent_run_id, {k: numeric[k] for k in PARENT_METRICS if k in numeric}, step)
     return result
+
+
+def log_to_run(c: "mlflow.MlflowClient", run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log `metrics` to run `run_id` at `step` in one batch (one store transaction, not one per metric)."""
+    from mlflow.entities import Metric
+
+    if metrics:
+        now = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def exit_fast_on_success() -> None:
@@ -322,9 +328,7 @@ def gather(config_json: str, parent_run_id: str, tracking_uri: str, step: int, p
         cfg = setup(config_json)
         round_metrics = {"rollout/reward_mean": float(rows.reward.mean()),
                          "rollout/accuracy": float(rows.correct.mean())}
-        c = tracking.client(tracking_uri or cfg.tracking.tracking_uri)
-        for k, v in round_metrics.items():
-            c.log_metric(parent_run_id, k, v, step=step)
+        log_to_run(tracking.client(tracking_uri or cfg.tracking.tracking_uri), parent_run_id, round_metrics, step)
 
 
 def accumulate(earlier: str | None, this_round: str, out_path: str) -> None:
@@ -352,8 +356,7 @@ def promote_task(name: str, config_json: str, parent_run_id: str, tracking_uri: 
                             "data": data_description(setup(config_json))})
     if parent_run_id:
         c = mlflow.MlflowClient()
-        c.log_metric(parent_run_id, "final/start_accuracy", start_accuracy)
-        c.log_metric(parent_run_id, "final/accuracy", challenger_accuracy)
+        log_to_run(c, parent_run_id, {"final/start_accuracy": start_accuracy, "final/accuracy": challenger_accuracy})
         log_curves(c, parent_run_id)
         c.set_terminated(parent_run_id, "FINISHED")
     return result

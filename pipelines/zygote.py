@@ -259,6 +259,31 @@ def preload() -> None:
     for name in OPTIONAL_PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    remember_mlflow_schema_head()
+
+
+def remember_mlflow_schema_head() -> None:
+    """Find MLflow's latest schema revision once, for every child.
+
+    Each process that opens a SQLite store checks the store's revision against the latest one,
+    which MLflow finds by executing its ~100 migration scripts (~0.15 CPU-s per task). It is
+    fixed for the installed MLflow, so `mlflow.store.db.utils._get_latest_schema_revision` is
+    replaced, in this process (and so in its children) only, by its answer; the check itself
+    still runs. Skipped where MLflow has no such function.
+    """
+    import inspect
+
+    from mlflow.store.db import utils
+
+    latest = getattr(utils, "_get_latest_schema_revision", None)
+    if latest is None or inspect.signature(latest).parameters:
+        return
+    head = latest()
+
+    def latest_schema_revision() -> str:
+        return head
+
+    utils._get_latest_schema_revision = latest_schema_revision
 
 
 class Zygote:
