@@ -5,7 +5,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -14,11 +13,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from components import tracking
 from components.config import Config
 from pipelines.progress import TaskLog
+
+if TYPE_CHECKING:
+    from pipelines.zygote import WarmTasks
 
 
 def embedded_tracking_uri(workdir: Path) -> str:
@@ -56,8 +58,7 @@ def create_embedded_store(db: Path) -> None:
     engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
     sqlalchemy.event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA synchronous=OFF"))
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # alembic's "Context impl SQLiteImpl." lines
-            _initialize_tables(engine)
+        _initialize_tables(engine)
         engine.dispose()
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -141,7 +142,7 @@ def keep_upstream_parameters_in_loops() -> bool:
 class WarmTaskLaunch:
     """`warm_task_processes`' handle: the zygote (or None) and `close()` (idempotent)."""
 
-    def __init__(self, pool, restore):
+    def __init__(self, pool: "WarmTasks | None", restore: Callable[[], None] | None):
         self.pool, self._restore = pool, restore
 
     def close(self) -> None:
@@ -159,6 +160,18 @@ def warm_tasks_wanted(setting: bool | None = None) -> bool:
     return os.environ.get("KFP_GRPO_WARM_TASKS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _launches_with_run_local_subprocess() -> bool:
+    """Whether kfp.local's SubprocessTaskHandler.run starts a task with
+    `subprocess_task_handler.run_local_subprocess(full_command, env_vars)` (kfp 2.17)."""
+    import inspect
+
+    from kfp.local import subprocess_task_handler as sth
+
+    run = inspect.unwrap(sth.SubprocessTaskHandler.run)
+    return (list(inspect.signature(sth.run_local_subprocess).parameters) == ["full_command", "env_vars"]
+            and "run_local_subprocess" in run.__code__.co_names)
+
+
 @contextlib.contextmanager
 def warm_task_processes(log_path: Path, enabled: bool = True) -> Iterator[WarmTaskLaunch]:
     """Run this run's kfp.local tasks as children of one warm process (`pipelines/zygote.py`).
@@ -173,28 +186,23 @@ def warm_task_processes(log_path: Path, enabled: bool = True) -> Iterator[WarmTa
     function with that signature, called from `SubprocessTaskHandler.run`; the cluster pipeline
     is unaffected (one pod per task). The zygote's own output is appended to `log_path`.
     """
-    import inspect
-
-    from kfp.local import subprocess_task_handler as sth
-
     from pipelines.zygote import WarmTasks
 
-    plain = sth.run_local_subprocess
     if not enabled:
         yield WarmTaskLaunch(None, None)
         return
-    if (list(inspect.signature(plain).parameters) != ["full_command", "env_vars"]
-            or "run_local_subprocess" not in inspect.unwrap(sth.SubprocessTaskHandler.run).__code__.co_names):
-        print("kfp-grpo: warm task processes are off (kfp.local launches tasks differently than kfp 2.17); "
-              "tasks run as plain subprocesses", file=sys.stderr, flush=True)
-        yield WarmTaskLaunch(None, None)
-        return
-    pool, why = WarmTasks.start(log_path)
+    pool, why = WarmTasks.start(log_path)  # first: it imports while kfp is probed here
+    if pool is not None and not _launches_with_run_local_subprocess():
+        pool.close()
+        pool, why = None, "kfp.local launches tasks differently than kfp 2.17"
     if pool is None:
         print(f"kfp-grpo: warm task processes are off ({why}); tasks run as plain subprocesses",
               file=sys.stderr, flush=True)
         yield WarmTaskLaunch(None, None)
         return
+    from kfp.local import subprocess_task_handler as sth
+
+    plain = sth.run_local_subprocess
 
     def run_local_subprocess(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
         code = pool.run(full_command, env_vars)
