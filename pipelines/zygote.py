@@ -115,7 +115,10 @@ class WarmTasks:
         why = unavailable_reason()
         if why:
             return None, why
-        socket_dir = Path(tempfile.mkdtemp(prefix="kfp-grpo-"))
+        try:
+            socket_dir = Path(tempfile.mkdtemp(prefix="kfp-grpo-"))
+        except OSError as err:
+            return None, f"no private directory for its socket: {err}"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(socket_dir / "sock"))
