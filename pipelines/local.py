@@ -13,11 +13,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from components import tracking
 from components.config import Config
 from pipelines.progress import TaskLog
+
+if TYPE_CHECKING:
+    from pipelines.zygote import WarmTasks
 
 
 def embedded_tracking_uri(workdir: Path) -> str:
@@ -28,8 +31,44 @@ def embedded_tracking_uri(workdir: Path) -> str:
 def prepare_tracking(cfg: Config, workdir: Path) -> str:
     """Resolve the tracking URI and create schema + experiment once, before tasks run in parallel."""
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri(workdir)
+    if uri == embedded_tracking_uri(workdir):
+        create_embedded_store(workdir / "mlflow.db")
     tracking.ensure_experiment(tracking.client(uri), cfg.tracking.experiment)
     return uri
+
+
+def create_embedded_store(db: Path) -> None:
+    """Create a new embedded store's schema in one go (if `db` does not exist yet).
+
+    MLflow builds a new SQLite schema by running its ~100 migrations, each committed and
+    fsync'ed: 5-6 s of waiting on this machine for 1 CPU-s. Here they run on a temporary file
+    with SQLite's `synchronous=OFF`, which is fsync'ed once and renamed into place; MLflow
+    then opens it as any existing store (it checks the schema revision). Anything unexpected:
+    MLflow creates the schema itself, as before.
+    """
+    if db.exists():
+        return
+    try:
+        import sqlalchemy
+        from mlflow.store.db.utils import _initialize_tables
+    except ImportError:
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+    sqlalchemy.event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA synchronous=OFF"))
+    try:
+        _initialize_tables(engine)
+        engine.dispose()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, db)
+    except Exception:  # noqa: BLE001 — MLflow's own path below reports real problems
+        engine.dispose()
+        tmp.unlink(missing_ok=True)
 
 
 class PipelineFailed(RuntimeError):
@@ -100,6 +139,87 @@ def keep_upstream_parameters_in_loops() -> bool:
     return True
 
 
+class WarmTaskLaunch:
+    """`warm_task_processes`' handle: the zygote (or None) and `close()` (idempotent)."""
+
+    def __init__(self, pool: "WarmTasks | None", restore: Callable[[], None] | None):
+        self.pool, self._restore = pool, restore
+
+    def close(self) -> None:
+        """Put kfp.local's launcher back and stop the zygote (killing tasks still running)."""
+        restore, self._restore = self._restore, None
+        if restore:
+            restore()
+
+
+def warm_tasks_wanted(setting: bool | None = None) -> bool:
+    """Whether `kfp-grpo run` uses warm task processes: `setting`, else $KFP_GRPO_WARM_TASKS
+    (`0`/`false`/`no`/`off`: plain subprocesses), else yes."""
+    if setting is not None:
+        return setting
+    return os.environ.get("KFP_GRPO_WARM_TASKS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _launches_with_run_local_subprocess() -> bool:
+    """Whether kfp.local's SubprocessTaskHandler.run starts a task with
+    `subprocess_task_handler.run_local_subprocess(full_command, env_vars)` (kfp 2.17)."""
+    import inspect
+
+    from kfp.local import subprocess_task_handler as sth
+
+    run = inspect.unwrap(sth.SubprocessTaskHandler.run)
+    return (list(inspect.signature(sth.run_local_subprocess).parameters) == ["full_command", "env_vars"]
+            and "run_local_subprocess" in run.__code__.co_names)
+
+
+@contextlib.contextmanager
+def warm_task_processes(log_path: Path, enabled: bool = True) -> Iterator[WarmTaskLaunch]:
+    """Run this run's kfp.local tasks as children of one warm process (`pipelines/zygote.py`).
+
+    kfp.local (2.17) starts every task with `subprocess_task_handler.run_local_subprocess(
+    full_command, env_vars)`: a fresh interpreter that imports torch, transformers and mlflow
+    (~5 CPU-s) and tears them down again (~2 s) around 2-5 s of compute. For the duration of
+    the run that one function is replaced by one that hands the same command to the zygote,
+    which forks a child that runs it (same executor, argv, environment and directory) and
+    returns its exit code; kfp.local's own function still runs any command the zygote does not
+    reproduce, and every task once the zygote is gone. Applied only where kfp has that
+    function with that signature, called from `SubprocessTaskHandler.run`; the cluster pipeline
+    is unaffected (one pod per task). The zygote's own output is appended to `log_path`.
+    """
+    from pipelines.zygote import WarmTasks
+
+    if not enabled:
+        yield WarmTaskLaunch(None, None)
+        return
+    pool, why = WarmTasks.start(log_path)  # first: it imports while kfp is probed here
+    if pool is not None and not _launches_with_run_local_subprocess():
+        pool.close()
+        pool, why = None, "kfp.local launches tasks differently than kfp 2.17"
+    if pool is None:
+        print(f"kfp-grpo: warm task processes are off ({why}); tasks run as plain subprocesses",
+              file=sys.stderr, flush=True)
+        yield WarmTaskLaunch(None, None)
+        return
+    from kfp.local import subprocess_task_handler as sth
+
+    plain = sth.run_local_subprocess
+
+    def run_local_subprocess(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
+        code = pool.run(full_command, env_vars)
+        return plain(full_command=full_command, env_vars=env_vars) if code is None else code
+
+    def restore() -> None:
+        sth.run_local_subprocess = plain
+        pool.close()
+
+    sth.run_local_subprocess = run_local_subprocess
+    launch = WarmTaskLaunch(pool, restore)
+    try:
+        yield launch
+    finally:
+        launch.close()
+
+
 @contextlib.contextmanager
 def print_restored() -> Iterator[None]:
     """Put `builtins.print` back afterwards.
@@ -136,21 +256,34 @@ def task_names(pipeline) -> dict[str, tuple[str, str, int]]:
 
 
 def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: str = "",
-              verbose: bool = False, runner: object = None) -> dict:
+              verbose: bool = False, runner: object = None, warm_tasks: bool | None = None) -> dict:
     """Compile-and-run the pipeline with kfp.local's SubprocessRunner; return a summary.
 
     Task outputs are cached under `<workdir>/cache`; `resume_run_id` (an interrupted run's
     MLflow parent run, same workdir and config) reruns only the tasks that did not complete.
     The terminal gets one line per task (`pipelines.progress`); each task's output goes to
     `<workdir>/logs/<time>/<task>.log` (`verbose`: to the terminal as well).
-    `runner`: another kfp.local runner (pipelines/containers.py: every task in its image).
+    `runner`: another kfp.local runner (pipelines/containers.py: every task in its image). With
+    the default runner, tasks run as children of a warm process (`warm_task_processes`) unless
+    `warm_tasks` (default: $KFP_GRPO_WARM_TASKS) says no.
     """
+    workdir.mkdir(parents=True, exist_ok=True)
+    logdir = workdir.resolve() / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    logdir.mkdir(parents=True, exist_ok=True)
+    # first: the warm process imports torch & co. while this one compiles the pipeline
+    warm = runner is None and warm_tasks_wanted(warm_tasks)
+    with warm_task_processes(logdir / "run.log", warm) as launch:
+        return _run_pipeline(cfg, workdir, logdir, init, resume_run_id, verbose, launch, runner)
+
+
+def _run_pipeline(cfg: Config, workdir: Path, logdir: Path, init: dict[str, str], resume_run_id: str,
+                  verbose: bool, launch: WarmTaskLaunch, runner: object = None) -> dict:
+    """`run_local`'s body, with its log directory and task launcher."""
     from kfp import local
 
     from pipelines.pipeline import build_pipeline
     from pipelines.runtime import reopen_parent_run
 
-    workdir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial MLflow database tables..."
     uri = prepare_tracking(cfg, workdir)
     if resume_run_id:
@@ -163,7 +296,6 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
                raise_on_error=True, enable_caching=True, cache_root=str((workdir / "cache").resolve()))
     pipeline = build_pipeline(cfg, resume_run_id=resume_run_id, caching=True)
     tasks = task_names(pipeline)
-    logdir = workdir.resolve() / "logs" / time.strftime("%Y%m%d-%H%M%S")
     print(f"kfp-grpo: running pipeline '{cfg.name}' locally: {sum(r for *_, r in tasks.values())} tasks "
           f"({cfg.loop.iterations} iterations × {cfg.loop.steps_per_iteration} rounds); MLflow at "
           f"{tracking.redact(uri)}; task logs in {logdir}", flush=True)
@@ -179,6 +311,7 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
         raise PipelineFailed(f"{reason}; MLflow run(s) {failed} marked FAILED; task logs in {logdir}; "
                              f"outputs so far in {workdir.resolve()}", parent) from None
     except KeyboardInterrupt:
+        launch.close()  # the tasks still running end first: nothing writes to MLflow after this
         sink.close_logs()
         _, parent = mark_failed_runs(uri, cfg.tracking.experiment, started_ms, resume_run_id, "KILLED")
         raise PipelineFailed(f"interrupted; outputs so far in {workdir.resolve()}", parent) from None

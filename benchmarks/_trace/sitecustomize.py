@@ -14,7 +14,8 @@ process imports it at interpreter start. It records, into
 
 The functions are wrapped in their modules right after the module executes, so later
 ``from module import name`` imports get the wrapped version. Nothing in components/ or
-pipelines/ is edited.
+pipelines/ is edited. A task forked from `kfp-grpo run`'s warm process (pipelines/zygote.py)
+inherits the wrapped modules; its start record is its fork time.
 """
 
 import os
@@ -44,9 +45,23 @@ if _DIR:
     _FILE = os.path.join(_DIR, f"{os.getpid()}.jsonl")
     _DEPTH: dict = {}
 
+    _FORKED: list = []  # a task forked from a warm process: its start record, written with its first span
+
     def _emit(rec: dict) -> None:
+        if _FORKED:  # by now the child has the task's environment (KFP_GRPO_BENCH_SEQ)
+            t = _FORKED.pop()
+            _FORKED.clear()
+            _emit({"ev": "start", "pid": os.getpid(), "seq": os.environ.get("KFP_GRPO_BENCH_SEQ"),
+                   "proc_start": t, "t": t, "argv0": "fork"})
         with open(_FILE, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
+
+    def _forked() -> None:
+        global _FILE
+        _FILE = os.path.join(_DIR, f"{os.getpid()}.jsonl")
+        _FORKED[:] = [time.time()]
+
+    os.register_at_fork(after_in_child=_forked)
 
     def _proc_start() -> float:
         """Process start (epoch seconds) from /proc: clock ticks since boot + boot time."""
