@@ -221,6 +221,34 @@ def warm_task_processes(log_path: Path, enabled: bool = True) -> Iterator[WarmTa
 
 
 @contextlib.contextmanager
+def cache_hits_reported(sink: TaskLog) -> Iterator[None]:
+    """Tell `sink` about every task kfp.local took from its cache instead of running it.
+
+    kfp.local (2.17) logs a cache hit at INFO, but that line does not reach its log stream; a
+    task that succeeded without printing "Executing task" is the same fact, read from
+    `task_executor.execute_single_task` (wrapped for this run only).
+    """
+    from kfp.local import status
+    from kfp.local.orchestrator import task_executor
+
+    execute = task_executor.execute_single_task
+
+    def reporting(*args, **kwargs):
+        name = kwargs.get("task_name", "")
+        before = sink.starts.get(name, 0)
+        outputs, result = execute(*args, **kwargs)
+        if result == status.Status.SUCCESS and sink.starts.get(name, 0) == before:
+            sink.cached(name)
+        return outputs, result
+
+    task_executor.execute_single_task = reporting
+    try:
+        yield
+    finally:
+        task_executor.execute_single_task = execute
+
+
+@contextlib.contextmanager
 def print_restored() -> Iterator[None]:
     """Put `builtins.print` back afterwards.
 
@@ -302,7 +330,7 @@ def _run_pipeline(cfg: Config, workdir: Path, logdir: Path, init: dict[str, str]
     sink = TaskLog(tasks, logdir, sys.stdout, verbose, metrics_file=lambda name: _newest(workdir / "kfp", name))
     start, started_ms = time.perf_counter(), int(time.time() * 1000)
     try:
-        with print_restored(), contextlib.redirect_stdout(sink):
+        with print_restored(), cache_hits_reported(sink), contextlib.redirect_stdout(sink):
             task = pipeline(tracking_uri=uri, **init)
     except RuntimeError as err:  # kfp.local: a task failed (the tail of its log is above)
         sink.close_logs()

@@ -24,7 +24,6 @@ from typing import Callable, TextIO
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TASK_START = re.compile(r"Executing task '([^']+)'")
 TASK_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
-CACHE_HIT = re.compile(r"Task '?([\w.-]+)'? cache hit")  # `kfp-grpo run --resume`: a task that completed before
 STEP = re.compile(r"^\s*\[(\w+)\] step (\d+)/(\d+)")
 SHOW = re.compile(r"^\s*\[tracking\] ")  # a task's lines the terminal always gets (the run id to --resume)
 # the metrics a task's line shows, by stage (keys as in its KFP Metrics artifact)
@@ -61,6 +60,7 @@ class TaskLog(io.TextIOBase):
         self.log: TextIO | None = None
         self.started = 0.0
         self.finished: dict[str, tuple[str, float]] = {}  # task name -> (stage, seconds)
+        self.starts: dict[str, int] = {}  # kfp.local task name -> how often it started running
         self.bar_shown = False
         self.interactive = terminal.isatty()
         self.run_log = (logdir / "run.log").open("a", encoding="utf-8")  # what is not inside a task
@@ -98,11 +98,7 @@ class TaskLog(io.TextIOBase):
     # -- lines
     def _line(self, raw: str) -> None:
         line = ANSI.sub("", raw)
-        start, end, cached = TASK_START.search(line), TASK_END.search(line), CACHE_HIT.search(line)
-        if cached and cached.group(1) in self.tasks:
-            name = self.tasks[cached.group(1)][0]
-            self.finished[name] = (self.tasks[cached.group(1)][1], 0.0)
-            self._say(f"{self._counter()} {name:<20} cached (completed before)")
+        start, end = TASK_START.search(line), TASK_END.search(line)
         if start and start.group(1) in self.tasks:
             self._begin(start.group(1))
         (self.log or self.run_log).write(line + "\n")
@@ -116,7 +112,16 @@ class TaskLog(io.TextIOBase):
         if step and self.current and self.interactive and not self.verbose:
             self._bar(int(step.group(2)), int(step.group(3)))
 
+    def cached(self, kfp_name: str) -> None:
+        """Task `kfp_name` completed without running: kfp.local took its outputs from the cache
+        (`kfp-grpo run --resume`: it completed before)."""
+        if kfp_name in self.tasks:
+            name, stage = self.tasks[kfp_name][:2]
+            self.finished[name] = (stage, 0.0)
+            self._say(f"{self._counter()} {name:<20} cached (completed before)")
+
     def _begin(self, kfp_name: str) -> None:
+        self.starts[kfp_name] = self.starts.get(kfp_name, 0) + 1
         name, runs = self.tasks[kfp_name][0], 1
         while (f"{name}-{runs}" if runs > 1 else name) in self.finished:
             runs += 1

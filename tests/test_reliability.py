@@ -600,7 +600,9 @@ def _cached_task(entry: Path) -> str:
     return Path(uris[0]).parent.name
 
 
-def _champion_sha(workdir: Path) -> tuple[str, str]:
+def _registered_sha(workdir: Path) -> tuple[str, str]:
+    """sha256 of the weights of the run's registered policy and reward model (alias `challenger`: the
+    version this run registered, whether or not the gate made it champion)."""
     import mlflow
 
     from components import tracking
@@ -608,7 +610,7 @@ def _champion_sha(workdir: Path) -> tuple[str, str]:
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     shas = []
     for name in ("kfp-grpo-policy", "kfp-grpo-reward"):
-        local = tracking.download_model(f"models:/{name}@champion", tempfile.mkdtemp(dir=workdir))
+        local = tracking.download_model(f"models:/{name}@challenger", tempfile.mkdtemp(dir=workdir))
         shas.append(hashlib.sha256(Path(local, "model.safetensors").read_bytes()).hexdigest())
     return shas[0], shas[1]
 
@@ -662,7 +664,7 @@ def test_killed_pipeline_resumes_from_the_last_complete_task_with_identical_resu
     a, b = _summary(a_text), _summary(resumed.stdout)
     for key in ("challenger_accuracy", "start_accuracy", "promoted", "policy_version"):
         assert a[key] == b[key], key
-    assert _champion_sha(a_dir) == _champion_sha(b_dir), "resumed weights differ from the uninterrupted run's"
+    assert _registered_sha(a_dir) == _registered_sha(b_dir), "resumed weights differ from the uninterrupted run's"
     c = mlflow.MlflowClient(f"sqlite:///{b_dir / 'mlflow.db'}")
     run = c.get_run(parent)
     assert run.info.status == "FINISHED" and run.data.tags["kfp_grpo.resumed"] == "1"
