@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from components import evaluate, grpo_update, prepare_data, rm_replay, rollout
 from components.config import Config
-from pipelines import runtime
+from pipelines import parent_run, runtime, warm_start
 from pipelines.local import prepare_tracking
 from pipelines.plan import VALUE_METRICS, Ref, Task, algorithm1, producers
 
@@ -36,14 +36,14 @@ def _sharded_rollout(name: str, config: str, parent: str, uri: str, rollouts: st
 
 TASKS: dict[str, Callable[..., dict]] = {
     "prepare_data": _stage(prepare_data.run),
-    "sft": lambda name, config, parent, uri, **kw: runtime.sft_task(name, config, parent, uri, None, "", **kw),
-    "reward_model": lambda name, config, parent, uri, **kw: runtime.reward_model_task(name, config, parent, uri,
+    "sft": lambda name, config, parent, uri, **kw: warm_start.sft_task(name, config, parent, uri, None, "", **kw),
+    "reward_model": lambda name, config, parent, uri, **kw: warm_start.reward_model_task(name, config, parent, uri,
                                                                                       None, "", **kw),
     "evaluate": _stage(evaluate.run),
     "rollout": _stage(rollout.run),
     "grpo_update": _stage(grpo_update.run),
     "rm_replay": _stage(rm_replay.run),
-    "promote": lambda name, config, parent, uri, **kw: runtime.promote_task(name, config, parent, uri, None, **kw),
+    "promote": lambda name, config, parent, uri, **kw: parent_run.promote_task(name, config, parent, uri, None, **kw),
 }
 
 
@@ -61,7 +61,7 @@ def run_in_process(cfg: Config, workdir: Path, tracking_uri: str | None = None,
     tasks = algorithm1(cfg)
     producers(tasks)
     start = time.perf_counter()
-    parent = runtime.start_parent_run(config, uri)
+    parent = parent_run.start_parent_run(config, uri)
     values: dict[Ref, Any] = {}
 
     def value(v: Ref | tuple[Ref, ...]) -> Any:

@@ -25,7 +25,8 @@ def start_tracking(config: str, settings: dict, tracking_uri: str, init_policy_u
     from collections import namedtuple
 
     from components.config import config_from_json, with_run_time_settings
-    from pipelines.runtime import exit_fast_on_success, start_parent_run
+    from pipelines.parent_run import start_parent_run
+    from pipelines.runtime import exit_fast_on_success
 
     effective = with_run_time_settings(config_from_json(config), settings).to_json()
     run_id = start_parent_run(effective, tracking_uri, init_policy_uri, resume_run_id)
@@ -44,7 +45,8 @@ def prepare_data(config: str, parent_run_id: str, tracking_uri: str, name: str, 
 
 def sft(config: str, parent_run_id: str, tracking_uri: str, name: str, init_policy_uri: str, train: Input[Dataset],
         model: Output[Model], metrics: Output[Metrics]):
-    from pipelines.runtime import exit_fast_on_success, sft_task
+    from pipelines.runtime import exit_fast_on_success
+    from pipelines.warm_start import sft_task
 
     sft_task(name, config, parent_run_id, tracking_uri, metrics, init_policy_uri, train=train.path, model=model.path)
     exit_fast_on_success()
@@ -53,7 +55,8 @@ def sft(config: str, parent_run_id: str, tracking_uri: str, name: str, init_poli
 def reward_model(config: str, parent_run_id: str, tracking_uri: str, name: str, init_reward_uri: str,
                  train: Input[Dataset], policy: Input[Model], reward_model: Output[Model], rm_data: Output[Dataset],
                  metrics: Output[Metrics]):
-    from pipelines.runtime import exit_fast_on_success, reward_model_task
+    from pipelines.runtime import exit_fast_on_success
+    from pipelines.warm_start import reward_model_task
 
     reward_model_task(name, config, parent_run_id, tracking_uri, metrics, init_reward_uri, train=train.path,
                       policy=policy.path, reward_model=reward_model.path, rm_data=rm_data.path)
@@ -132,7 +135,8 @@ def promote(config: str, parent_run_id: str, tracking_uri: str, name: str, chall
     """Register the models, run the gate, close the parent run; returns the decision as JSON."""
     import json
 
-    from pipelines.runtime import exit_fast_on_success, promote_task
+    from pipelines.parent_run import promote_task
+    from pipelines.runtime import exit_fast_on_success
 
     decision = json.dumps(promote_task(name, config, parent_run_id, tracking_uri, metrics, policy=policy.path,
                                        reward_model=reward_model.path, buffer=buffer.path, test=test.path,

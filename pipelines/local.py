@@ -310,7 +310,7 @@ def _run_pipeline(cfg: Config, workdir: Path, logdir: Path, init: dict[str, str]
     from kfp import local
 
     from pipelines.pipeline import build_pipeline
-    from pipelines.runtime import reopen_parent_run
+    from pipelines.parent_run import reopen_parent_run
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial MLflow database tables..."
     uri = prepare_tracking(cfg, workdir)

@@ -383,7 +383,7 @@ def test_a_run_from_the_champion_starts_from_its_weights_and_replay_history(pcfg
     from transformers import AutoModelForCausalLM
 
     from pipelines.client import champion_uris
-    from pipelines.runtime import reward_model_task, sft_task
+    from pipelines.warm_start import reward_model_task, sft_task
 
     config = pcfg.to_json()
     uris = champion_uris(pcfg)

@@ -75,7 +75,7 @@ def test_every_module_imports_alone(module):
 
 # What a pipeline task imports: KFP's executor runs it with kfp.dsl in its reduced runtime mode
 # (`_KFP_RUNTIME=true`), where kfp.kubernetes and most of kfp.dsl cannot be imported.
-TASK_RUNTIME = ["pipelines.runtime", "pipelines.trainer_job", "pipelines.kfp_components"] + [
+TASK_RUNTIME = ["pipelines.runtime", "pipelines.parent_run", "pipelines.warm_start", "pipelines.trainer_job", "pipelines.kfp_components"] + [
     m for m in MODULES if m.startswith("components.")]
 
 

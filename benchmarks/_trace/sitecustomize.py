@@ -4,8 +4,8 @@
 process imports it at interpreter start. It records, into
 ``$KFP_GRPO_BENCH_TRACE/<pid>.jsonl``, the process start time and the spans of:
 
-    task      pipelines.runtime.run_task / sft_task / reward_model_task / start_parent_run /
-              promote_task / gather / accumulate (the task body)
+    task      pipelines.runtime.run_task / gather / accumulate, pipelines.warm_start.sft_task /
+              reward_model_task, pipelines.parent_run.start_parent_run / promote_task (the task body)
     stage     components.<stage>.run (outermost only)
     model_io  components.modeling.load_policy / load_reward_model / save_model
     data_io   components.io.read_parquet / write_parquet / write_json
@@ -23,8 +23,9 @@ import os
 # module → {function: category}; tests/test_benchmarks.py checks that every one of them exists
 _STAGES = ("prepare_data", "sft", "reward_model", "rollout", "grpo_update", "rm_replay", "evaluate", "promote")
 _TARGETS = {
-    "pipelines.runtime": {"run_task": "task", "sft_task": "task", "reward_model_task": "task",
-                          "start_parent_run": "task", "promote_task": "task", "gather": "task", "accumulate": "task"},
+    "pipelines.runtime": {"run_task": "task", "gather": "task", "accumulate": "task"},
+    "pipelines.warm_start": {"sft_task": "task", "reward_model_task": "task"},
+    "pipelines.parent_run": {"start_parent_run": "task", "promote_task": "task"},
     "components.modeling": {"load_policy": "model_io", "load_reward_model": "model_io", "save_model": "model_io"},
     "components.io": {"read_parquet": "data_io", "write_parquet": "data_io", "write_json": "data_io"},
     "components.tracking": {"log_policy": "registry", "log_reward_model": "registry", "download_model": "registry"},
