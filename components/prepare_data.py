@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from components import stage_cli
+from components import stage_cli, tracking
 from components.config import Config
 from components.io import distinct_outputs, write_parquet
 from components.data import prepare_splits
@@ -28,6 +28,8 @@ def run(cfg: Config, train: str, test: str) -> dict[str, Any]:
     train_rows, test_rows = prepare_splits(cfg.data, cfg.seed)
     write_parquet(train_rows, train)
     write_parquet(test_rows, test)
+    tracking.log_dataset(train_rows, "train", train, "training")
+    tracking.log_dataset(test_rows, "test", test, "evaluation")
     return {"num_train": len(train_rows), "num_test": len(test_rows), "source": cfg.data.source}
 
 

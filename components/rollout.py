@@ -96,10 +96,15 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         **clock.metrics(),
     }
     tracking.log_metrics(metrics, step=step)
+    tracking.log_samples(out[SAMPLE_COLUMNS].head(SAMPLE_GROUPS * rc.group_size), f"samples/round_{step:03d}.json")
     print(f"[rollout] step {step}: {len(batch)} prompts × {rc.group_size} → accuracy "
           f"{metrics['rollout/accuracy']:.3f}, reward {metrics['rollout/reward_mean']:.3f}, "
           f"{metrics['rollout/tokens_per_s']:.0f} tok/s", flush=True)
     return metrics
+
+
+SAMPLE_GROUPS = 2  # groups of each round logged as a table of sample completions
+SAMPLE_COLUMNS = ["prompt", "completion", "answer", "reward", "correct", "advantage", "finish_reason"]
 
 
 def main(argv: list[str] | None = None) -> int:

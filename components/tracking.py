@@ -7,9 +7,12 @@ without tracking) these do nothing, so a stage never needs MLflow to work.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import mlflow
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def active() -> bool:
@@ -30,6 +33,27 @@ def log_params(params: Mapping[str, Any]) -> None:
     """Log params (values stringified, truncated by MLflow's limit) to the active run."""
     if active():
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+
+def log_samples(table: "pd.DataFrame", artifact_file: str) -> None:
+    """Log a table of sample completions to the active run (MLflow shows it under Artifacts and in
+    the run's Evaluation view; `mlflow.load_table` reads it back)."""
+    if active():
+        mlflow.log_table(data=table, artifact_file=artifact_file)
+
+
+def log_dataset(df: "pd.DataFrame", name: str, source: str, context: str) -> None:
+    """Record `df` (written to `source`) as an input data set of the active run (`context`: training,
+    evaluation): its name, digest, schema and row count appear on the run's page."""
+    if active():
+        import warnings
+
+        import mlflow.data
+
+        with warnings.catch_warnings():  # a local path matches two equivalent source types; either will do
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(df, source=source, name=name)
+        mlflow.log_input(dataset, context=context)
 
 
 # --------------------------------------------------------------------------- runs

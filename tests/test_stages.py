@@ -783,3 +783,27 @@ def test_outputs_never_replace_what_kfp_grpo_did_not_write(tmp_path, data_dir):
     with atomic_path(tmp_path / "model") as tmp:
         (tmp / "weights").write_text("v2")
     assert (tmp_path / "model" / "weights").read_text() == "v2"
+
+
+def test_tracked_stages_log_their_data_sets_and_sample_completions(cfg, data_dir, trained_policy, mlflow_uri,
+                                                                   tmp_path):
+    """Inside an MLflow run, prepare_data records the train/test tables as the run's input data sets and each
+    rollout round logs a table of sample completions (two groups) that `mlflow.load_table` reads back."""
+    import mlflow
+
+    from components import prepare_data
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    with mlflow.start_run() as prep:
+        prepare_data.run(cfg, str(tmp_path / "train.parquet"), str(tmp_path / "test.parquet"))
+    with mlflow.start_run() as roll:
+        rollout.run(cfg, str(data_dir / "train.parquet"), str(trained_policy), None, str(tmp_path / "r.parquet"), step=2)
+    inputs = mlflow.get_run(prep.info.run_id).inputs.dataset_inputs
+    contexts = {d.dataset.name: next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in inputs}
+    assert contexts == {"train": "training", "test": "evaluation"}
+    assert {d.dataset.name: json.loads(d.dataset.profile)["num_rows"] for d in inputs} == {
+        "train": cfg.data.num_train, "test": cfg.data.num_test}
+    table = mlflow.load_table("samples/round_002.json", run_ids=[roll.info.run_id])
+    rows = pd.read_parquet(tmp_path / "r.parquet").head(2 * cfg.rollout.group_size)
+    assert table.completion.tolist() == rows.completion.tolist()
+    assert table.reward.tolist() == pytest.approx(rows.reward.tolist())
