@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Callable, TextIO
@@ -156,17 +157,18 @@ class TaskLog(io.TextIOBase):
         return [(k, float(values[k])) for k in SHOWN.get(stage, ()) if k in values]
 
     def _eta(self) -> str:
-        """Time left: each task still to run takes what its stage's finished tasks took (else their mean)."""
+        """Time left: each task still to run takes what its stage's finished tasks took (else the median
+        of all finished tasks: one long stage, SFT, must not make every later task look as long)."""
         by_stage: dict[str, list[float]] = {}
         for stage, seconds in self.finished.values():
             by_stage.setdefault(stage, []).append(seconds)
-        mean = sum(s for _, s in self.finished.values()) / len(self.finished)
+        typical = statistics.median(s for _, s in self.finished.values())
         runs_left = {stage: 0 for stage in by_stage}
         for _, stage, runs in self.tasks.values():
             runs_left[stage] = runs_left.get(stage, 0) + runs
         for stage, seconds in by_stage.items():
             runs_left[stage] -= len(seconds)
-        left = sum(n * (sum(by_stage[stage]) / len(by_stage[stage]) if stage in by_stage else mean)
+        left = sum(n * (sum(by_stage[stage]) / len(by_stage[stage]) if stage in by_stage else typical)
                    for stage, n in runs_left.items())
         return f"  ETA {_duration(left)}" if left > 0 else ""
 
