@@ -23,13 +23,14 @@ from components.modeling import chat_prompt, load_reward_model
 from components.reward_model import score
 from components.stage_cli import stage_main
 from components.rewards import rewards_for
+from components.seeds import TORCH_BITS, derived_seed
 from components.timing import PhaseClock
 
 
 def select_prompts(prompts: pd.DataFrame, n: int, seed: int, step: int, shard: int = 0,
                    shards: int = 1) -> pd.DataFrame:
     """The round's batch of prompts (seeded by step), optionally one shard of it."""
-    batch = prompts.sample(n=min(n, len(prompts)), random_state=seed * 100_003 + step)
+    batch = prompts.sample(n=min(n, len(prompts)), random_state=derived_seed(seed * 100_003 + step))
     return batch.iloc[shard::shards]
 
 
@@ -49,7 +50,7 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
     texts = [chat_prompt(tok, p, cfg.data.system_prompt) for p in batch.prompt]
     sampling = Sampling(n=rc.group_size, temperatures=group_temperatures(rc.group_size, rc.temperature,
                         rc.temperature_range), max_new_tokens=rc.max_new_tokens, top_p=rc.top_p,
-                        seed=cfg.seed * 100_003 + step * 101 + shard)
+                        seed=derived_seed(cfg.seed * 100_003 + step * 101 + shard, TORCH_BITS))
     start = time.perf_counter()
     gens = backend.generate(texts, sampling)
     gen_seconds = time.perf_counter() - start

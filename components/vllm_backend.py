@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from components.seeds import TORCH_BITS, derived_seed
 from components.sampling import Generation, GenerationStats, Sampling
 
 INSTALL_HINT = "backend vllm needs the gpu extra: pip install 'kfp-grpo[gpu]' on a CUDA machine"
@@ -69,11 +70,12 @@ def plan_requests(num_prompts: int, sampling: Sampling) -> list[Request]:
     if len(sampling.temperatures) != n:
         raise ValueError(f"Sampling has n={n} but {len(sampling.temperatures)} temperatures")
     if sampling.greedy:
-        return [Request(p, tuple(range(n)), 0.0, sampling.seed + p * n) for p in range(num_prompts)]
+        return [Request(p, tuple(range(n)), 0.0, derived_seed(sampling.seed + p * n, TORCH_BITS))
+                for p in range(num_prompts)]
     groups: dict[float, list[int]] = {}
     for k, t in enumerate(sampling.temperatures):
         groups.setdefault(float(t), []).append(k)
-    return [Request(p, tuple(ks), t, sampling.seed + p * n + ks[0])
+    return [Request(p, tuple(ks), t, derived_seed(sampling.seed + p * n + ks[0], TORCH_BITS))
             for p in range(num_prompts) for t, ks in groups.items()]
 
 
