@@ -12,23 +12,17 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import yaml
-
-from components.config import STAGES, Config, ConfigError, load_config, set_dotted
+from components.config import STAGES, Config, ConfigError, load_config, parse_set
+from components.errors import KfpGrpoError
+from components.redaction import error_line, register_secret, scrub
 from components.stage_cli import HelpFormatter
 from pipelines.local import PipelineFailed
 
 
 def _config(args: argparse.Namespace) -> Config:
-    overrides: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        set_dotted(overrides, key, yaml.safe_load(value))
-    return load_config(args.config, overrides)
+    return load_config(args.config, parse_set(args.set))
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -76,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             command = " ".join(shlex.quote(a) for a in ["kfp-grpo", *argv, "--resume", err.parent_run_id])
             raise PipelineFailed(f"{err}; resume with: {command}", err.parent_run_id) from None
         raise
-    print(json.dumps(summary, indent=2) if args.output == "json" else summary["text"])
+    print(scrub(json.dumps(summary, indent=2) if args.output == "json" else summary["text"]))
     return 0
 
 
@@ -112,7 +106,7 @@ def _kfp_failed(err: BaseException, host: str | None) -> int:
         except (ValueError, AttributeError):
             pass
         msg = f"the KFP API at {where} answered {status} {getattr(err, 'reason', '') or ''}: {detail}"
-    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+    print(error_line(msg), file=sys.stderr)
     return 1
 
 
@@ -259,17 +253,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if len(argv) > 1 else 2
     args, rest = p.parse_known_args(argv)
     args.argv = argv
+    register_secret(getattr(args, "token", None))  # never printed, whatever fails
     try:
         if getattr(args, "passthrough", False):
             return args.func(args, rest)
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+    except (ConfigError, KfpGrpoError, ValueError, FileNotFoundError) as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     except PipelineFailed as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 1
 
 

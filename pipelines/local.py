@@ -16,6 +16,7 @@ from typing import Iterator
 
 from components import tracking
 from components.config import Config
+from components.redaction import refuse_credentials
 from pipelines.progress import TaskLog
 
 
@@ -27,6 +28,7 @@ def embedded_tracking_uri(workdir: Path) -> str:
 def prepare_tracking(cfg: Config, workdir: Path) -> str:
     """Resolve the tracking URI and create schema + experiment once, before tasks run in parallel."""
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri(workdir)
+    refuse_credentials(uri, "$MLFLOW_TRACKING_URI")  # it becomes a run parameter, stored in the workdir
     tracking.ensure_experiment(tracking.client(uri), cfg.tracking.experiment)
     return uri
 
