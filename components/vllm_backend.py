@@ -35,13 +35,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from components.errors import KfpGrpoError
 from components.seeds import TORCH_BITS, derived_seed
 from components.sampling import Generation, GenerationStats, Sampling
 
 INSTALL_HINT = "backend vllm needs the gpu extra: pip install 'kfp-grpo[gpu]' on a CUDA machine"
 
 
-class VLLMUnavailableError(ImportError):
+class VLLMUnavailableError(KfpGrpoError, ImportError):
     """vLLM (the `gpu` extra) is not installed in this environment."""
 
 
@@ -50,7 +51,7 @@ def import_vllm():
     try:
         import vllm
     except ImportError as err:  # also covers a vLLM build that cannot load its CUDA libs
-        raise VLLMUnavailableError(f"{INSTALL_HINT} ({err})") from err
+        raise VLLMUnavailableError(f"rollout.backend: {INSTALL_HINT} ({err})") from None
     return vllm
 
 

@@ -77,9 +77,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.pipeline import compile_pipeline
 
+    import shutil
+    import tempfile
+
+    from components.io import atomic_path
+
     cfg = _config(args)
     out = args.output or f"{cfg.name}.yaml"
-    compile_pipeline(cfg, out)
+    if not out.endswith(".yaml"):
+        raise ValueError(f"-o {out}: a compiled pipeline is a .yaml file")
+    # complete or absent, and it replaces only a pipeline kfp-grpo compiled (never a user's file)
+    with tempfile.TemporaryDirectory() as tmp, atomic_path(out, is_dir=False) as part:
+        shutil.copyfile(compile_pipeline(cfg, str(Path(tmp) / "pipeline.yaml")), part)
     print(f"wrote {out} ({cfg.loop.iterations} iterations × {cfg.loop.steps_per_iteration} rounds)")
     return 0
 

@@ -16,8 +16,13 @@ from typing import Iterator
 
 from components import tracking
 from components.config import Config
+from components.io import claim_dir
 from components.redaction import refuse_credentials
 from pipelines.progress import TaskLog
+
+
+# what `kfp-grpo run` writes into its work directory (one written before the marker file holds only these)
+WORKDIR_LAYOUT = ("mlflow.db", "kfp", "cache", "logs")
 
 
 def embedded_tracking_uri(workdir: Path) -> str:
@@ -148,9 +153,13 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
     from kfp import local
 
     from pipelines.pipeline import build_pipeline
-    from pipelines.runtime import reopen_parent_run
+    from pipelines.runtime import ResumeError, reopen_parent_run
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    if resume_run_id and not (cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) \
+            and not (workdir / "mlflow.db").is_file():  # before anything is created there
+        raise ResumeError(f"cannot resume run {resume_run_id}: {workdir} holds no MLflow store (mlflow.db); "
+                          "resume with the --workdir of the interrupted run")
+    claim_dir(workdir, "--workdir", WORKDIR_LAYOUT)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial MLflow database tables..."
     uri = prepare_tracking(cfg, workdir)
     if resume_run_id:

@@ -60,7 +60,7 @@ def env(tmp_path_factory) -> dict[str, Path]:
     model = build_tiny_model(TinyModelConfig(**SMALL_MODEL), tok, seed=0)
     save_model(model, tok, d / "policy")
 
-    rm, rm_tok = load_reward_model(str(d / "policy"))
+    rm, rm_tok = load_reward_model(str(d / "policy"), new_head=True)
     with torch.no_grad():
         rm.score.weight.fill_(float("nan"))  # every score NaN
     save_model(rm, rm_tok, d / "rm-nan")
