@@ -25,6 +25,7 @@ from components.artifacts import OPTIMIZER_FILE, as_paths, read_rollouts
 from components.distributed import Context
 from components.config import Config
 from components.grpo import grpo_loss, zero_variance_fraction
+from components.io import distinct_outputs
 from components.modeling import ModelLoadError, batched, completion_logprobs, encode_prompts, load_policy, pad_right, \
     save_model, shared_prompt_logprobs
 from components.stage_cli import stage_argv, stage_main
@@ -117,6 +118,7 @@ def run(cfg: Config, rollouts: str | list[str], policy: str, reference: str | No
     torchrun and each rank runs the same `update` on its share (components.distributed).
     Returns the round's metrics (None on a torchrun rank other than 0).
     """
+    distinct_outputs(new_policy=new_policy)
     args = (cfg, as_paths(rollouts), policy, reference, new_policy, step)
     if distributed.should_launch(cfg.grpo.nproc_per_node):  # several GPUs in this pod: re-run under torchrun
         return distributed.launch(cfg, stage_argv(run, rollouts=args[1], policy=policy, reference=reference,

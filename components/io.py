@@ -104,7 +104,8 @@ def claim_dir(path: str | Path, what: str = "--workdir", layout: Sequence[str] =
 
 
 def distinct_outputs(**paths: str | Path | None) -> None:
-    """Refuse two outputs of one stage that name the same path (one would overwrite the other)."""
+    """A stage's outputs, checked at its start (before any work): refuse two that name the same path
+    (one would overwrite the other) and one that holds something kfp-grpo did not write."""
     seen: dict[Path, str] = {}
     for name, p in paths.items():
         if p is None:
@@ -113,6 +114,9 @@ def distinct_outputs(**paths: str | Path | None) -> None:
         if key in seen:
             raise OutputPathError(f"outputs {seen[key]} and {name} are the same path {p}; give each its own")
         seen[key] = name
+        if Path(p).parent.exists() and not Path(p).parent.is_dir():
+            raise OutputPathError(f"output path {p}: {Path(p).parent} is a file, not a directory")
+        check_output(p)
 
 
 def _clean_stale(final: Path) -> None:

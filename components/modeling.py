@@ -64,10 +64,15 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 
 def _damaged(path: str, err: BaseException) -> str:
+    text = str(err)
+    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        return ("its weights do not have the shapes its config.json describes (a checkpoint of another model "
+                "size, or a config.json from elsewhere?)")
+    if type(err).__name__ != "SafetensorError":
+        return _short(err)
     weights = sorted(p.name for p in Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     where = f"{path}/{weights[0]}" if len(weights) == 1 else path
-    return (f"{where} is damaged (a truncated or interrupted copy?): {_short(err)}" if type(err).__name__ ==
-            "SafetensorError" or "size mismatch" in str(err) else _short(err))
+    return f"{where} is damaged (a truncated or interrupted copy?): {text}"
 
 
 def check_finite_weights(model: PreTrainedModel, path: str) -> None:

@@ -18,7 +18,7 @@ from components.config import Config
 from components.generation import make_backend
 from components.sampling import Sampling, group_temperatures
 from components.grpo import group_advantages, zero_variance_fraction
-from components.io import read_parquet
+from components.io import distinct_outputs, read_parquet
 from components.modeling import chat_prompt, load_reward_model
 from components.reward_model import score
 from components.stage_cli import stage_main
@@ -38,6 +38,7 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         step: int = 0, policy_version: str = "0", shard: int = 0) -> dict:
     """Sample G completions per prompt from the model directory `policy`, score them (with the
     reward model directory `reward_model`, if any) and write the round (or one shard of it) to `rollouts`."""
+    distinct_outputs(rollouts=rollouts)
     rc = cfg.rollout
     clock = PhaseClock("rollout")  # phases: io (prompts, model load, Parquet), generate, score
     batch = select_prompts(read_parquet(prompts, "prompts", ["id", "prompt", "answer"]), rc.prompts_per_step,

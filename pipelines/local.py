@@ -159,6 +159,10 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
             and not (workdir / "mlflow.db").is_file():  # before anything is created there
         raise ResumeError(f"cannot resume run {resume_run_id}: {workdir} holds no MLflow store (mlflow.db); "
                           "resume with the --workdir of the interrupted run")
+    given = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if given:  # a URI that cannot be used fails before the work directory is created
+        refuse_credentials(given, "$MLFLOW_TRACKING_URI" if not cfg.tracking.tracking_uri else "tracking.tracking_uri")
+        tracking.client(given)  # its scheme, and a server that answers
     claim_dir(workdir, "--workdir", WORKDIR_LAYOUT)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial MLflow database tables..."
     uri = prepare_tracking(cfg, workdir)
