@@ -209,3 +209,38 @@ def test_logged_params_are_scrubbed(mlflow_uri, monkeypatch):
         tracking.log_params({"note": f"password={SECRET} uri=http://u:{SECRET}@h"})
     params = mlflow.MlflowClient(mlflow_uri).get_run(run.info.run_id).data.params
     assert SECRET not in json.dumps(params) and params["note"].startswith("password=***")
+
+
+# =========================================================================== registered models
+def test_a_misspelt_model_uri_is_an_error_but_a_missing_champion_means_from_scratch(mlflow_uri, tmp_path):
+    """Only this config's own champion URIs may be absent (the first run has no champion yet); a
+    misspelt alias or name used to be taken for "no champion yet" and retrained from scratch."""
+    from pipelines.client import champion_uris
+    from pipelines.runtime import resolve_model, sft_task
+
+    cfg = fast_config(tracking={"tracking_uri": mlflow_uri})
+    champions = tuple(champion_uris(cfg).values())
+    assert resolve_model(champions[0], str(tmp_path / "p"), "", mlflow_uri, champions) is False
+    with pytest.raises(ValueError, match=r"cannot resolve models:/kfp-grpo-policy@champoin: .*check the model name"):
+        sft_task("sft", cfg.to_json(), "", "", None, "models:/kfp-grpo-policy@champoin",
+                 train=str(tmp_path / "train.parquet"), model=str(tmp_path / "model"))
+    assert not (tmp_path / "p").exists() and not (tmp_path / "model").exists()
+
+
+def test_task_logs_and_the_verbose_terminal_are_scrubbed(tmp_path, monkeypatch):
+    """What a task prints (kfp.local streams it through `TaskLog`) reaches its log file and the terminal
+    without a credential."""
+    import io
+
+    from pipelines.progress import TaskLog
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    terminal = io.StringIO()
+    sink = TaskLog({"sft": ("sft", "sft", 1)}, tmp_path / "logs", terminal, verbose=True)
+    sink.write("Executing task 'sft'\n")
+    sink.write(f"[sft] connecting to http://admin:{SECRET}@mlflow:5000 with password {SECRET}\n")
+    sink.write("Task 'sft' finished with status SUCCESS\n")
+    sink.close_logs()
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob("*.log"))
+    assert "connecting to http://admin:***@mlflow:5000" in logs
+    assert SECRET not in logs and SECRET not in terminal.getvalue()
