@@ -130,9 +130,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except _kfp_errors() as err:
         return _kfp_failed(err, args.host)
     if args.output == "json":
-        print(json.dumps(run))
+        print(scrub(json.dumps(run)))
     else:
-        print(f"submitted run {run['run_id']}: {run['url']}")
+        print(scrub(f"submitted run {run['run_id']}: {run['url']}"))  # the URL holds --host (and its password)
         if args.wait:
             print(f"run {run['run_id']} finished: {run['state']}")
     return 0 if not args.wait or run["state"] == "SUCCEEDED" else 1

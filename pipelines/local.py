@@ -22,7 +22,7 @@ from pipelines.progress import TaskLog
 
 
 # what `kfp-grpo run` writes into its work directory (one written before the marker file holds only these)
-WORKDIR_LAYOUT = ("mlflow.db", "kfp", "cache", "logs")
+WORKDIR_LAYOUT = ("mlflow.db", "mlartifacts", "kfp", "cache", "logs")
 
 
 def embedded_tracking_uri(workdir: Path) -> str:
