@@ -141,9 +141,10 @@ def resolve_model(uri: str, dst: str, tracking_uri: str, cfg_tracking_uri: str |
 
 
 def _champions(cfg: Config) -> tuple[str, ...]:
-    from pipelines.client import champion_uris
+    """This config's champion URIs (`pipelines.client.champion_uris`): the ones that may not exist yet."""
+    from components.promote import names
 
-    return tuple(champion_uris(cfg).values())
+    return tuple(f"models:/{name}@{tracking.CHAMPION}" for name in names(cfg))
 
 
 def sft_task(name: str, config_json: str, parent_run_id: str, tracking_uri: str, metrics_artifact: Any,

@@ -216,10 +216,11 @@ def test_a_misspelt_model_uri_is_an_error_but_a_missing_champion_means_from_scra
     """Only this config's own champion URIs may be absent (the first run has no champion yet); a
     misspelt alias or name used to be taken for "no champion yet" and retrained from scratch."""
     from pipelines.client import champion_uris
-    from pipelines.runtime import resolve_model, sft_task
+    from pipelines.runtime import _champions, resolve_model, sft_task
 
     cfg = fast_config(tracking={"tracking_uri": mlflow_uri})
     champions = tuple(champion_uris(cfg).values())
+    assert _champions(cfg) == champions  # what `--from-champion` passes is what may be absent
     assert resolve_model(champions[0], str(tmp_path / "p"), "", mlflow_uri, champions) is False
     with pytest.raises(ValueError, match=r"cannot resolve models:/kfp-grpo-policy@champoin: .*check the model name"):
         sft_task("sft", cfg.to_json(), "", "", None, "models:/kfp-grpo-policy@champoin",
