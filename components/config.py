@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,24 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "_Strict":
+        """No string value of the config may carry a credential: the config is compiled into the
+        pipeline, logged as MLflow params and shown in the KFP UI (components/redaction.py)."""
+        from components.redaction import credentials_in
+
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            values = value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) \
+                else [value]
+            for v in values:
+                why = credentials_in(v) if isinstance(v, str) else None
+                if why:
+                    raise ValueError(f"{name} must not contain a password or token ({why}; it would be compiled "
+                                     "into the pipeline); use MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD "
+                                     "(or AWS_*) from a Kubernetes Secret")
+        return self
 
 
 # --------------------------------------------------------------------------- model
@@ -90,6 +109,14 @@ class DataConfig(_Strict):
     def _path_needed(self) -> "DataConfig":
         if self.source in ("file", "hf") and not self.path:
             raise ValueError(f"path is required when source is '{self.source}'")
+        ignored = [k for k, on in (("path", self.source == "arithmetic" and self.path),
+                                   ("test_path", self.source != "file" and self.test_path),
+                                   ("hf_config", self.source != "hf" and self.hf_config)) if on]
+        if ignored:  # a value the data source would silently ignore
+            raise ValueError(f"{' and '.join(ignored)} set, but source is '{self.source}', which ignores "
+                             f"{'them' if len(ignored) > 1 else 'it'}; set data.source "
+                             f"({'file or hf' if 'path' in ignored else 'file' if 'test_path' in ignored else 'hf'})"
+                             " or remove the key")
         return self
 
 
@@ -97,10 +124,10 @@ class DataConfig(_Strict):
 class SFTConfig(_Strict):
     steps: int = Field(200, ge=0)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
-    max_length: int = Field(64, ge=8)
+    max_length: int = Field(64, ge=8, le=131_072)
     with_reasoning: bool = Field(False, description="train on '<think>solution</think>' when the data has one")
 
 
@@ -110,8 +137,8 @@ class RewardModelConfig(_Strict):
     objective: Literal["pairwise", "pointwise"] = "pairwise"
     steps: int = Field(150, ge=0)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    max_length: int = Field(64, ge=8)
+    lr: float = Field(1e-3, gt=0, le=1)
+    max_length: int = Field(64, ge=8, le=131_072)
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
     negatives_per_prompt: int = Field(1, ge=1)
 
@@ -154,9 +181,9 @@ class HFGenerationConfig(_Strict):
 
 class RolloutConfig(_Strict):
     backend: Literal["hf", "vllm"] = "hf"
-    group_size: int = Field(8, ge=2, description="G: samples per prompt")
-    prompts_per_step: int = Field(64, ge=1, description="B: prompts per rollout round")
-    max_new_tokens: int = Field(16, gt=0)
+    group_size: int = Field(8, ge=2, le=1024, description="G: samples per prompt")
+    prompts_per_step: int = Field(64, ge=1, le=1_000_000, description="B: prompts per rollout round")
+    max_new_tokens: int = Field(16, gt=0, le=131_072)
     temperature: float = Field(1.0, gt=0)
     temperature_range: tuple[float, float] | None = Field(
         None, description="(τ_lo, τ_hi): τ_k = τ_lo + (τ_hi−τ_lo)·k/G across the group"
@@ -200,8 +227,8 @@ class GRPOConfig(_Strict):
     loss_agg: Literal["sequence", "token", "dr_grpo"] = "sequence"
     advantage: AdvantageConfig = AdvantageConfig()
     epochs: int = Field(1, ge=1, description="μ: passes over each rollout batch")
-    minibatch_size: int = Field(64, ge=1, description="outputs per optimizer step")
-    lr: float = Field(1e-6, gt=0)
+    minibatch_size: int = Field(64, ge=1, le=1_000_000, description="outputs per optimizer step")
+    lr: float = Field(1e-6, gt=0, le=1)
     warmup_steps: int = Field(0, ge=0, description="linear lr warmup over the first optimizer steps of the run")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -230,11 +257,11 @@ class ReplayConfig(_Strict):
     historical_fraction: float = Field(0.1, ge=0, le=1)
     steps: int = Field(60, ge=0)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(5e-4, gt=0, le=1)
 
 
 class EvalConfig(_Strict):
-    max_new_tokens: int = Field(16, gt=0)
+    max_new_tokens: int = Field(16, gt=0, le=131_072)
     maj_k: int = Field(0, ge=0, description="k for maj@k (0 = only greedy pass@1)")
     maj_temperature: float = Field(1.0, gt=0)
     batch_size: int = Field(256, ge=1)
@@ -250,18 +277,35 @@ class LoopConfig(_Strict):
     steps_per_iteration: int = Field(3, ge=1, le=50, description="M: rollout→update rounds per iteration")
 
 
+# the tracking stores an MLflow client can open (a bare path would be the deprecated file store)
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+                    "file")
+
+
+def check_tracking_scheme(uri: str) -> None:
+    """ValueError naming the URI when it is not a tracking store MLflow opens (MLflow's own error is a
+    traceback deep in its store registry, or a silently created local file store)."""
+    from components.redaction import scrub
+
+    if uri in ("databricks", "databricks-uc"):
+        return
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(f"tracking URI {scrub(uri)}: " + (f"unknown scheme '{scheme}'" if scheme else
+                         "not a URI (a bare path would be MLflow's deprecated file store)")
+                         + f"; use one of {', '.join(s + '://' for s in TRACKING_SCHEMES)}")
+
+
 class TrackingConfig(_Strict):
     tracking_uri: str | None = Field(None, description="null: $MLFLOW_TRACKING_URI, else the embedded store")
-    experiment: str = "kfp-grpo"
+    experiment: str = Field("kfp-grpo", min_length=1, max_length=500)
 
-    @model_validator(mode="after")
-    def _no_credentials(self) -> "TrackingConfig":
-        from urllib.parse import urlsplit
-
-        if self.tracking_uri and "://" in self.tracking_uri and urlsplit(self.tracking_uri).password:
-            raise ValueError("tracking_uri must not contain a password (it would be compiled into the pipeline); "
-                             "use MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD from a Kubernetes Secret")
-        return self
+    @field_validator("tracking_uri")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v:
+            check_tracking_scheme(v)
+        return v
 
 
 # --------------------------------------------------------------------------- cluster
@@ -272,8 +316,46 @@ class Toleration(_Strict):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+_QUANTITY = re.compile(r"^\+?(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+                       r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$")
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "n": 1e-9, "u": 1e-6,
+           "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, None: 1}
+
+
+def quantity(text: str) -> float:
+    """The value of a Kubernetes resource quantity (``500m`` → 0.5, ``2Gi`` → 2147483648); ValueError if malformed."""
+    m = _QUANTITY.match(text.strip()) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 2, 512Mi, 8Gi)")
+    suffix = m["suffix"]
+    scale = float(f"1{suffix}") if suffix and suffix[0] in "eE" else _SUFFIX[suffix]
+    return float(m["num"]) * scale
+
+
 class StageResources(_Strict):
     """Where and how one stage runs on a cluster (ignored by local runs)."""
+
+    @field_validator("cpu_request", "cpu_limit")
+    @classmethod
+    def _cpu(cls, v: str | None) -> str | None:
+        if v is not None and quantity(v) <= 0:
+            raise ValueError(f"{v!r}: a CPU quantity must be > 0 (e.g. 500m, 2)")
+        return v
+
+    @field_validator("memory_request", "memory_limit", "shm_size")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        if v is not None and quantity(v) < 2**20:
+            raise ValueError(f"{v!r} is under 1Mi of memory (bytes; 'm' is milli): write e.g. 512Mi or 8Gi")
+        return v
+
+    @model_validator(mode="after")
+    def _request_within_limit(self) -> "StageResources":
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(self, f"{kind}_request"), getattr(self, f"{kind}_limit")
+            if request is not None and limit is not None and quantity(request) > quantity(limit):
+                raise ValueError(f"{kind}_request {request} exceeds {kind}_limit {limit}")
+        return self
 
     image: Literal["cpu", "gpu", "rollout"] = "cpu"
     cpu_request: str | None = "1"
@@ -330,7 +412,8 @@ class Config(_Strict):
     """The whole kfp-grpo config (one YAML file)."""
 
     name: str = Field("kfp-grpo", pattern=r"^[a-z0-9][a-z0-9-]*$", description="pipeline name")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="the run's seed (a KFP int64 parameter); every "
+                      "per-step seed is derived from it (components/seeds.py)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per stage (null: torch's default)")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -396,7 +479,11 @@ def with_run_time_settings(cfg: Config, settings: dict[str, Any]) -> Config:
         *parents, last = names[name].split(".")
         for part in parents:
             node = node[part]
-        node[last] = yaml.safe_load(value) if isinstance(value, str) and last != "loss_agg" else value
+        try:
+            node[last] = yaml_load(value) if isinstance(value, str) and last != "loss_agg" else value
+        except yaml.YAMLError as err:
+            raise ConfigError(f"run-time settings: {names[name]}: the value {value!r} is not valid YAML: "
+                              f"{yaml_error(err)}") from None
     return parse_config(data, "run-time settings")
 
 
@@ -423,15 +510,60 @@ def parse_config(data: dict[str, Any] | None, source: str = "config") -> Config:
         raise ConfigError(_format_errors(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last
+    silently: a repeated `grpo:` section would drop the first one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key (a list or mapping): the schema names it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first}); YAML keeps only the last one, "
+                    "so the first would be silently dropped", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_error(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what, and where (line, column)."""
+    problem = getattr(err, "problem", None)
+    if not problem:
+        return " ".join(str(err).split())
+    context, mark = getattr(err, "context", None), getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
+def yaml_load(text: str) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load and validate a YAML config; None means the embedded default (tiny.yaml)."""
     path = Path(path) if path is not None else default_config_path()
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error(err)}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); is it a YAML config?") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+    if data is None:  # an empty file (or only comments) would silently run on built-in defaults
+        raise ConfigError(f"{path}: the config file is empty; write at least one key (`{{}}` for every default), "
+                          "or omit --config to use the embedded tiny.yaml")
     if overrides and (data is None or isinstance(data, dict)):  # else parse_config names the bad top level
         data = _deep_merge(data or {}, overrides)
     return parse_config(data, str(path))
@@ -454,10 +586,41 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
 def set_dotted(overrides: dict[str, Any], dotted: str, value: Any) -> None:
-    """`set_dotted(d, "grpo.beta", 0.1)` → d["grpo"]["beta"] = 0.1 (CLI --set)."""
+    """`set_dotted(d, "grpo.beta", 0.1)` → d["grpo"]["beta"] = 0.1 (CLI --set).
+
+    ConfigError for a malformed key path, or one that conflicts with a key set before
+    (`grpo=...` and `grpo.beta=...`, or the same key twice with different values)."""
     keys = dotted.split(".")
+    bad = [k for k in keys if not _KEY.match(k)]
+    if bad:
+        raise ConfigError(f"--set {dotted}=...: {bad[0]!r} is not a key name (a dotted key path such as grpo.beta)")
     node = overrides
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         node = node.setdefault(k, {})
-    node[keys[-1]] = value
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: conflicts with --set {'.'.join(keys[:i + 1])}=..., which sets "
+                              "that section to a single value")
+    last = keys[-1]
+    if last in node and node[last] != value:
+        what = "a section" if isinstance(node[last], dict) else f"{node[last]!r}"
+        raise ConfigError(f"--set {dotted} is given twice (as {what} and as {value!r}); give each key once")
+    node[last] = value
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """The overrides of the CLI's `--set KEY=VALUE` options (values read as YAML scalars)."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: the value {text!r} is not valid YAML: {yaml_error(err)}") from None
+        set_dotted(overrides, key.strip(), value)
+    return overrides

@@ -13,6 +13,7 @@ from components.sampling import Sampling
 from components.io import distinct_outputs, read_parquet, write_json, write_parquet
 from components.modeling import chat_prompt
 from components.stage_cli import stage_main
+from components.errors import DatasetError
 from components.rewards import extract_answer, format_reward, is_correct, normalize_number
 
 
@@ -30,6 +31,11 @@ def run(cfg: Config, test: str, policy: str, out: str | None = None,
     """
     distinct_outputs(out=out, samples=samples)
     rows = read_parquet(test, "held-out prompts", ["prompt", "answer"])
+    unparsable = [i for i, a in enumerate(rows.answer) if normalize_number(str(a)) is None]
+    if unparsable:  # the verifier compares numbers: such a row would count as wrong, and the gate would run on it
+        i = unparsable[0]
+        raise DatasetError(f"held-out prompts {test}: answer is not a number in {len(unparsable)} of {len(rows)} "
+                           f"row(s), first at row {i}: {str(rows.answer.iloc[i])[:40]!r}")
     if rows.empty:
         raise ValueError(f"held-out prompts {test} are empty")
     ec = cfg.evaluation

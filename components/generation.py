@@ -198,8 +198,9 @@ def make_backend(name: str, policy_dir: str, model_cfg, rollout_cfg) -> Backend:
         from components.vllm_backend import VLLMBackend  # GPU-only extra
 
         return VLLMBackend(policy_dir, rollout_cfg.vllm, seed=0, model_cfg=model_cfg)
-    from components.modeling import load_policy
+    from components.modeling import check_finite_weights, load_policy
 
     dtype = rollout_cfg.hf.dtype or model_cfg.dtype
     model, tok = load_policy(policy_dir, model_cfg.model_copy(update={"dtype": dtype}))
+    check_finite_weights(model, policy_dir)  # NaN weights: torch.multinomial would fail mid-generation
     return HFBackend(model, tok, rollout_cfg.generation_batch_size)

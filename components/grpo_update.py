@@ -25,8 +25,9 @@ from components.artifacts import OPTIMIZER_FILE, as_paths, read_rollouts
 from components.distributed import Context
 from components.config import Config
 from components.grpo import grpo_loss, zero_variance_fraction
-from components.modeling import batched, completion_logprobs, encode_prompts, load_policy, pad_right, save_model, \
-    shared_prompt_logprobs
+from components.io import distinct_outputs
+from components.modeling import ModelLoadError, batched, completion_logprobs, encode_prompts, load_policy, pad_right, \
+    save_model, shared_prompt_logprobs
 from components.stage_cli import stage_argv, stage_main
 from components.timing import PhaseClock
 from components.training import DivergenceError, NonFiniteError
@@ -117,6 +118,7 @@ def run(cfg: Config, rollouts: str | list[str], policy: str, reference: str | No
     torchrun and each rank runs the same `update` on its share (components.distributed).
     Returns the round's metrics (None on a torchrun rank other than 0).
     """
+    distinct_outputs(new_policy=new_policy)
     args = (cfg, as_paths(rollouts), policy, reference, new_policy, step)
     if distributed.should_launch(cfg.grpo.nproc_per_node):  # several GPUs in this pod: re-run under torchrun
         return distributed.launch(cfg, stage_argv(run, rollouts=args[1], policy=policy, reference=reference,
@@ -124,6 +126,34 @@ def run(cfg: Config, rollouts: str | list[str], policy: str, reference: str | No
     if distributed.is_rank():  # one rank of a torchrun launch: FSDP-sharded
         return distributed.run_rank(lambda ctx: update(ctx, *args))
     return update(Context.single(), *args)
+
+
+def load_optimizer_file(path: Path) -> dict:
+    """The AdamW state saved beside a policy (tensors only: never unpickles code); ModelLoadError if damaged."""
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).split("\n")[0].split(". ")[0][:160]  # not torch's advice to load unsafely
+        raise ModelLoadError(f"{path} is not a readable optimizer state ({type(err).__name__}: {first}); the "
+                             f"policy directory is damaged — delete {path.name} to start the optimizer afresh"
+                             ) from None
+    if not isinstance(state, dict) or "state" not in state or "param_groups" not in state:
+        raise ModelLoadError(f"{path} is not an optimizer state dict (no 'state'/'param_groups'); delete "
+                             f"{path.name} to start the optimizer afresh")
+    return state
+
+
+def check_token_ids(rows, vocab_size: int, where: str) -> None:
+    """ValueError naming the first row whose completion holds a token id outside the policy's vocabulary
+    (a table sampled from another model): the embedding lookup would fail deep in the forward pass."""
+    for i, ids in enumerate(rows.completion_ids):
+        bad = [int(t) for t in ids if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"rollouts {where}: completion_ids of row {i} hold token id {bad[0]}, outside the "
+                             f"policy's vocabulary (0..{vocab_size - 1}); was the table sampled from another model?")
 
 
 def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | None,
@@ -140,8 +170,9 @@ def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str,
         distributed.shard_model(model, ctx, g.bf16)
     opt = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
     opt_file = Path(policy_dir) / OPTIMIZER_FILE
+    check_token_ids(rows, model.get_input_embeddings().num_embeddings, ", ".join(rollout_paths))
     if opt_file.exists():
-        distributed.load_optimizer_state(model, opt, torch.load(opt_file, weights_only=True), names, ctx)
+        distributed.load_optimizer_state(model, opt, load_optimizer_file(opt_file), names, ctx)
         for group in opt.param_groups:  # the config, not the checkpoint, owns the hyper-parameters
             group.update(lr=g.lr, weight_decay=g.weight_decay)
     clock.lap("io")

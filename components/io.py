@@ -23,6 +23,8 @@ import pandas as pd
 TMP_MARK = ".tmp-"
 MARKER = ".kfp-grpo"  # in every directory artifact: this project may replace the directory later
 PARQUET_KEY = b"kfp_grpo"  # in the schema metadata of every Parquet file this project writes
+# a compiled pipeline: KFP's header, and kfp-grpo's description (pipelines/pipeline.py)
+PIPELINE_HEAD, PIPELINE_MARK = b"# PIPELINE DEFINITION", b"# Description: Iterative GRPO"
 
 
 class OutputPathError(ValueError):
@@ -40,7 +42,10 @@ def _ours(path: Path) -> bool:
     if path.stat().st_size == 0:
         return True
     try:
-        if path.read_bytes()[:4] == b"PAR1":
+        head = path.read_bytes()[:4096]
+        if head.startswith(PIPELINE_HEAD) and PIPELINE_MARK in head:  # a pipeline `kfp-grpo compile` wrote
+            return True
+        if head[:4] == b"PAR1":
             import pyarrow.parquet as pq
 
             return PARQUET_KEY in (pq.read_schema(path).metadata or {})
@@ -59,8 +64,48 @@ def check_output(final: str | Path) -> None:
                               "refusing to replace it (choose a new path, or remove it yourself)")
 
 
+def make_dirs(path: str | Path, what: str = "output directory") -> Path:
+    """Create directory `path` (and its parents); OutputPathError naming the culprit when a component of
+    it is a file or it cannot be created (permissions, a read-only filesystem)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise OutputPathError(f"{what} {path}: {p} is a file, not a directory" if p != path else
+                                      f"{what} {path} is a file, not a directory")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"{what} {path} cannot be created: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what} {path} is not writable")
+    return path
+
+
+def claim_dir(path: str | Path, what: str = "--workdir", layout: Sequence[str] = ()) -> Path:
+    """Make `path` a directory of this project's: absent (created), empty, marked with `MARKER`, or
+    holding only entries of `layout` (one an earlier version wrote); OutputPathError for anything else
+    (a user's directory), before anything is written into it."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        entries = {p.name for p in path.iterdir()}
+        if entries and MARKER not in entries and not entries <= set(layout):
+            raise OutputPathError(f"{what} {path} is an existing directory that kfp-grpo did not create "
+                                  f"(it holds {sorted(entries)[:3]}...); choose a new or empty directory")
+    make_dirs(path, what)
+    marker = path / MARKER
+    if not marker.exists():
+        try:
+            marker.write_text("written by kfp-grpo: its work directory\n")
+        except OSError as err:
+            raise OutputPathError(f"{what} {path} is not writable: {err.strerror or err}") from None
+    return path
+
+
 def distinct_outputs(**paths: str | Path | None) -> None:
-    """Refuse two outputs of one stage that name the same path (one would overwrite the other)."""
+    """A stage's outputs, checked at its start (before any work): refuse two that name the same path
+    (one would overwrite the other) and one that holds something kfp-grpo did not write."""
     seen: dict[Path, str] = {}
     for name, p in paths.items():
         if p is None:
@@ -69,6 +114,9 @@ def distinct_outputs(**paths: str | Path | None) -> None:
         if key in seen:
             raise OutputPathError(f"outputs {seen[key]} and {name} are the same path {p}; give each its own")
         seen[key] = name
+        if Path(p).parent.exists() and not Path(p).parent.is_dir():
+            raise OutputPathError(f"output path {p}: {Path(p).parent} is a file, not a directory")
+        check_output(p)
 
 
 def _clean_stale(final: Path) -> None:
@@ -116,11 +164,14 @@ def atomic_path(final: str | Path, is_dir: bool = True) -> Iterator[Path]:
     if final.parent.exists() and not final.parent.is_dir():
         raise OutputPathError(f"output path {final}: {final.parent} is a file, not a directory")
     check_output(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent, "output directory")
     _clean_stale(final)
     tmp = final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     if is_dir:
-        tmp.mkdir()
+        try:
+            tmp.mkdir()
+        except OSError as err:
+            raise OutputPathError(f"output path {final} cannot be written: {err.strerror or err}") from None
     try:
         yield tmp
         if is_dir:
@@ -138,8 +189,10 @@ def atomic_path(final: str | Path, is_dir: bool = True) -> Iterator[Path]:
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and str(tmp) in f"{err.filename} {err.filename2}":  # the output's own write
+            raise OutputPathError(f"output path {final} cannot be written: {err.strerror or err}") from None
         raise
 
 

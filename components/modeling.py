@@ -7,6 +7,7 @@ template) that `AutoModelForCausalLM.from_pretrained(dir)` opens with no project
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from transformers import (
 )
 
 from components.config import ModelConfig, TinyModelConfig
+from components.errors import KfpGrpoError
 from components.io import atomic_path
 
 TINY = "tiny"
@@ -49,8 +51,36 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(KfpGrpoError, ValueError):
     """A model directory or id cannot be loaded as asked; the message says why."""
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a damaged model directory raises: a truncated or corrupt safetensors file
+    (SafetensorError), weights of the wrong shape for the config (RuntimeError), ..."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, KeyError, SafetensorError, RuntimeError
+
+
+def _damaged(path: str, err: BaseException) -> str:
+    text = str(err)
+    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        return ("its weights do not have the shapes its config.json describes (a checkpoint of another model "
+                "size, or a config.json from elsewhere?)")
+    if type(err).__name__ != "SafetensorError":
+        return _short(err)
+    weights = sorted(p.name for p in Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    where = f"{path}/{weights[0]}" if len(weights) == 1 else path
+    return f"{where} is damaged (a truncated or interrupted copy?): {text}"
+
+
+def check_finite_weights(model: PreTrainedModel, path: str) -> None:
+    """ModelLoadError naming the first parameter holding NaN/inf: a model that would sample garbage."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ModelLoadError(f"model {path} has NaN/inf weights (first in {name}); it cannot sample — "
+                                 "use an earlier checkpoint")
 
 
 # --------------------------------------------------------------------------- tiny default
@@ -147,8 +177,8 @@ def load_policy(path: str, cfg: ModelConfig | None = None) -> tuple[PreTrainedMo
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
         )
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"cannot load a causal LM from {path}: {_short(err)}") from None
+    except _load_errors() as err:
+        raise ModelLoadError(f"cannot load a causal LM from {path}: {_damaged(path, err)}") from None
     heads = [a for a in (model.config.architectures or [])
              if a.endswith(("ForSequenceClassification", "ForTokenClassification"))]
     if heads:
@@ -162,17 +192,31 @@ def load_policy(path: str, cfg: ModelConfig | None = None) -> tuple[PreTrainedMo
     return model.to(default_device()), tok
 
 
-def load_reward_model(path: str, cfg: ModelConfig | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a scalar reward model (sequence classifier, num_labels=1)."""
+def load_reward_model(path: str, cfg: ModelConfig | None = None,
+                      new_head: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a scalar reward model (sequence classifier, num_labels=1).
+
+    `new_head`: `path` is a policy (causal LM) whose backbone gets a freshly initialised score
+    head (the reward_model stage); otherwise `path` must hold a trained reward model, since a
+    policy directory would silently score with a random head.
+    """
     cfg = cfg or ModelConfig()
     tok = load_tokenizer(path, None, cfg.trust_remote_code)
+    if not new_head:
+        try:
+            archs = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            archs = []
+        if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ModelLoadError(f"{path} is not a reward model: it holds a {archs[0]} (a policy?), whose score "
+                                 "head would be random; pass the reward model's directory")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
             use_safetensors=cfg.use_safetensors or None,
         )
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"cannot load a reward model from {path}: {_short(err)}") from None
+    except _load_errors() as err:
+        raise ModelLoadError(f"cannot load a reward model from {path}: {_damaged(path, err)}") from None
     model.config.pad_token_id = tok.pad_token_id
     return model.to(default_device()), tok
 

@@ -254,11 +254,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if not run_id:
             run_id = c.create_run(tracking.ensure_experiment(c, cfg.tracking.experiment),
                                   run_name="manual-promote").info.run_id
+        status = "FAILED"  # unless the promotion completes: a failed promotion's run must not read FINISHED
         try:
-            return run(cfg, a.policy, a.reward_model, a.test, run_id, a.buffer, start_accuracy=start)
+            result = run(cfg, a.policy, a.reward_model, a.test, run_id, a.buffer, start_accuracy=start)
+            status = "FINISHED"
+            return result
         finally:
             if not a.run_id:
-                c.set_terminated(run_id)
+                with contextlib.suppress(Exception):  # the store may be what failed; keep the original error
+                    c.set_terminated(run_id, status)
 
     return main_wrapper(body, p, argv)
 

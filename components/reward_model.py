@@ -18,7 +18,8 @@ from transformers import AutoModelForSequenceClassification
 from components import tracking
 from components.config import Config
 from components.io import distinct_outputs, read_parquet, write_parquet
-from components.modeling import DTYPES, ModelLoadError, batched, default_device, load_tokenizer, save_model
+from components.modeling import (DTYPES, ModelLoadError, _damaged, _load_errors, batched, default_device, load_tokenizer,
+                                 save_model)
 from components.stage_cli import stage_main
 from components.rewards import reference_completion, wrong_answer
 from components.training import train_steps
@@ -122,8 +123,9 @@ def load_backbone(policy_dir: str, cfg: Config):
         rm = AutoModelForSequenceClassification.from_pretrained(
             policy_dir, num_labels=1, dtype=DTYPES[cfg.model.dtype],
             trust_remote_code=cfg.model.trust_remote_code, use_safetensors=cfg.model.use_safetensors or None)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"cannot load a reward-model backbone from {policy_dir}: {err}") from None
+    except _load_errors() as err:
+        raise ModelLoadError(f"cannot load a reward-model backbone from {policy_dir}: {_damaged(policy_dir, err)}"
+                             ) from None
     rm.config.pad_token_id = tok.pad_token_id
     return rm.to(default_device()), tok
 

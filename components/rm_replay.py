@@ -18,6 +18,7 @@ from components.artifacts import as_paths, read_rollouts
 from components.io import distinct_outputs, read_parquet, write_parquet
 from components.modeling import load_reward_model, save_model
 from components.reward_model import RM_COLUMNS, fit, make_pairs, pairwise_accuracy, split_by_prompt
+from components.seeds import derived_seed
 from components.stage_cli import stage_main
 
 FRESH_HELDOUT = 0.2
@@ -43,7 +44,8 @@ def run(cfg: Config, rollouts: str | list[str], reward_model: str, history: str 
     fresh = fresh_samples(read_rollouts(rollouts, ("id", "prompt", "completion", "correct")), iteration)
     earlier = [read_parquet(p, "replay history", RM_COLUMNS)[RM_COLUMNS] for p in as_paths(history)]
     historical = pd.concat(earlier, ignore_index=True) if earlier else pd.DataFrame(columns=RM_COLUMNS)
-    replayed = historical.sample(frac=cfg.replay.historical_fraction, random_state=cfg.seed + iteration)
+    replayed = historical.sample(frac=cfg.replay.historical_fraction,
+                                 random_state=derived_seed(cfg.seed + iteration))
     fresh_train, fresh_held = split_by_prompt(fresh, FRESH_HELDOUT, cfg.seed + iteration)
     train = pd.concat([fresh_train, replayed], ignore_index=True)
     held_pairs = make_pairs(fresh_held, cfg.seed)

@@ -18,18 +18,19 @@ from components.config import Config
 from components.generation import make_backend
 from components.sampling import Sampling, group_temperatures
 from components.grpo import group_advantages, zero_variance_fraction
-from components.io import read_parquet
+from components.io import distinct_outputs, read_parquet
 from components.modeling import chat_prompt, load_reward_model
 from components.reward_model import score
 from components.stage_cli import stage_main
 from components.rewards import rewards_for
+from components.seeds import TORCH_BITS, derived_seed
 from components.timing import PhaseClock
 
 
 def select_prompts(prompts: pd.DataFrame, n: int, seed: int, step: int, shard: int = 0,
                    shards: int = 1) -> pd.DataFrame:
     """The round's batch of prompts (seeded by step), optionally one shard of it."""
-    batch = prompts.sample(n=min(n, len(prompts)), random_state=seed * 100_003 + step)
+    batch = prompts.sample(n=min(n, len(prompts)), random_state=derived_seed(seed * 100_003 + step))
     return batch.iloc[shard::shards]
 
 
@@ -37,6 +38,7 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         step: int = 0, policy_version: str = "0", shard: int = 0) -> dict:
     """Sample G completions per prompt from the model directory `policy`, score them (with the
     reward model directory `reward_model`, if any) and write the round (or one shard of it) to `rollouts`."""
+    distinct_outputs(rollouts=rollouts)
     rc = cfg.rollout
     clock = PhaseClock("rollout")  # phases: io (prompts, model load, Parquet), generate, score
     batch = select_prompts(read_parquet(prompts, "prompts", ["id", "prompt", "answer"]), rc.prompts_per_step,
@@ -49,7 +51,7 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
     texts = [chat_prompt(tok, p, cfg.data.system_prompt) for p in batch.prompt]
     sampling = Sampling(n=rc.group_size, temperatures=group_temperatures(rc.group_size, rc.temperature,
                         rc.temperature_range), max_new_tokens=rc.max_new_tokens, top_p=rc.top_p,
-                        seed=cfg.seed * 100_003 + step * 101 + shard)
+                        seed=derived_seed(cfg.seed * 100_003 + step * 101 + shard, TORCH_BITS))
     start = time.perf_counter()
     gens = backend.generate(texts, sampling)
     gen_seconds = time.perf_counter() - start

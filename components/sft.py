@@ -9,7 +9,7 @@ import torch
 
 from components import tracking
 from components.config import Config
-from components.io import read_parquet
+from components.io import distinct_outputs, read_parquet
 from components.modeling import chat_prompt, initial_policy, load_policy, save_model
 from components.stage_cli import stage_main
 from components.rewards import reference_completion
@@ -54,6 +54,7 @@ def run(cfg: Config, train: str, model: str, init: str | None = None) -> dict:
 
     Writes an HF model directory to `model`; returns the metrics.
     """
+    distinct_outputs(model=model)
     df = read_parquet(train, "training prompts", ["prompt", "answer"])
     if df.empty:
         raise ValueError(f"training prompts {train} are empty")

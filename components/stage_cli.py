@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from components.config import Config, ConfigError, config_from_json, load_config
+from components.errors import KfpGrpoError
+from components.redaction import error_line
 from components.training import DivergenceError, NonFiniteError
 
 # Errors that are the user's input or a guarded stop (not a bug): printed as one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError, KeyError,
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, KfpGrpoError, ValueError, FileNotFoundError, KeyError,
                                                 NonFiniteError, DivergenceError)
 
 
@@ -132,8 +134,8 @@ def main_wrapper(body: Callable[[argparse.Namespace], Any], p: argparse.Argument
     try:
         result = body(args)
     except USER_ERRORS as err:
-        # one line, even for multi-line messages (YAML parser errors, library exceptions)
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        # one line, even for multi-line messages (YAML parser errors, library exceptions); no credential
+        print(error_line(err), file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=2, default=str))

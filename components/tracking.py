@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import mlflow
 
+from components.config import check_tracking_scheme as check_scheme
+from components.redaction import scrub
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -32,7 +35,7 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
 def log_params(params: Mapping[str, Any]) -> None:
     """Log params (values stringified, truncated by MLflow's limit) to the active run."""
     if active():
-        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        mlflow.log_params({k: scrub(str(v))[:6000] for k, v in params.items()})
 
 
 def log_samples(table: "pd.DataFrame", artifact_file: str) -> None:
@@ -64,7 +67,9 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise ValueError("no MLflow tracking URI: set tracking.tracking_uri in the config or $MLFLOW_TRACKING_URI")
+    check_scheme(uri)
     return uri
+
 
 
 def client(uri: str | None = None) -> "mlflow.MlflowClient":
@@ -84,14 +89,17 @@ _REACHABLE: set[str] = set()
 
 
 def redact(uri: str) -> str:
-    """`uri` without user:password@ (safe to print)."""
+    """`uri` without user:password@ nor any other credential (safe to print)."""
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(uri)
-    if "://" not in uri or not (parts.username or parts.password):
-        return uri
-    host = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+    try:
+        parts = urlsplit(uri)
+        if "://" not in uri or not (parts.username or parts.password):
+            return scrub(uri)
+        host = parts.hostname or ""
+        return scrub(urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""))))
+    except ValueError:  # an unreadable port: no structure to rely on
+        return scrub(uri)
 
 
 def check_reachable(uri: str) -> None:

@@ -35,12 +35,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from components.errors import KfpGrpoError
+from components.seeds import TORCH_BITS, derived_seed
 from components.sampling import Generation, GenerationStats, Sampling
 
 INSTALL_HINT = "backend vllm needs the gpu extra: pip install 'kfp-grpo[gpu]' on a CUDA machine"
 
 
-class VLLMUnavailableError(ImportError):
+class VLLMUnavailableError(KfpGrpoError, ImportError):
     """vLLM (the `gpu` extra) is not installed in this environment."""
 
 
@@ -49,7 +51,7 @@ def import_vllm():
     try:
         import vllm
     except ImportError as err:  # also covers a vLLM build that cannot load its CUDA libs
-        raise VLLMUnavailableError(f"{INSTALL_HINT} ({err})") from err
+        raise VLLMUnavailableError(f"rollout.backend: {INSTALL_HINT} ({err})") from None
     return vllm
 
 
@@ -69,11 +71,12 @@ def plan_requests(num_prompts: int, sampling: Sampling) -> list[Request]:
     if len(sampling.temperatures) != n:
         raise ValueError(f"Sampling has n={n} but {len(sampling.temperatures)} temperatures")
     if sampling.greedy:
-        return [Request(p, tuple(range(n)), 0.0, sampling.seed + p * n) for p in range(num_prompts)]
+        return [Request(p, tuple(range(n)), 0.0, derived_seed(sampling.seed + p * n, TORCH_BITS))
+                for p in range(num_prompts)]
     groups: dict[float, list[int]] = {}
     for k, t in enumerate(sampling.temperatures):
         groups.setdefault(float(t), []).append(k)
-    return [Request(p, tuple(ks), t, sampling.seed + p * n + ks[0])
+    return [Request(p, tuple(ks), t, derived_seed(sampling.seed + p * n + ks[0], TORCH_BITS))
             for p in range(num_prompts) for t, ks in groups.items()]
 
 

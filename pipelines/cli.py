@@ -12,23 +12,17 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import yaml
-
-from components.config import STAGES, Config, ConfigError, load_config, set_dotted
+from components.config import STAGES, Config, ConfigError, load_config, parse_set
+from components.errors import KfpGrpoError
+from components.redaction import error_line, register_secret, scrub
 from components.stage_cli import HelpFormatter
 from pipelines.local import PipelineFailed
 
 
 def _config(args: argparse.Namespace) -> Config:
-    overrides: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        set_dotted(overrides, key, yaml.safe_load(value))
-    return load_config(args.config, overrides)
+    return load_config(args.config, parse_set(args.set))
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -82,16 +76,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             command = " ".join(shlex.quote(a) for a in ["kfp-grpo", *argv, "--resume", err.parent_run_id])
             raise PipelineFailed(f"{err}; resume with: {command}", err.parent_run_id) from None
         raise
-    print(json.dumps(summary, indent=2) if args.output == "json" else summary["text"])
+    print(scrub(json.dumps(summary, indent=2) if args.output == "json" else summary["text"]))
     return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.pipeline import compile_pipeline
 
+    import shutil
+    import tempfile
+
+    from components.io import atomic_path
+
     cfg = _config(args)
     out = args.output or f"{cfg.name}.yaml"
-    compile_pipeline(cfg, out)
+    if not out.endswith(".yaml"):
+        raise ValueError(f"-o {out}: a compiled pipeline is a .yaml file")
+    # complete or absent, and it replaces only a pipeline kfp-grpo compiled (never a user's file)
+    with tempfile.TemporaryDirectory() as tmp, atomic_path(out, is_dir=False) as part:
+        shutil.copyfile(compile_pipeline(cfg, str(Path(tmp) / "pipeline.yaml")), part)
     print(f"wrote {out} ({cfg.loop.iterations} iterations × {cfg.loop.steps_per_iteration} rounds)")
     return 0
 
@@ -118,7 +121,7 @@ def _kfp_failed(err: BaseException, host: str | None) -> int:
         except (ValueError, AttributeError):
             pass
         msg = f"the KFP API at {where} answered {status} {getattr(err, 'reason', '') or ''}: {detail}"
-    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+    print(error_line(msg), file=sys.stderr)
     return 1
 
 
@@ -133,9 +136,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except _kfp_errors() as err:
         return _kfp_failed(err, args.host)
     if args.output == "json":
-        print(json.dumps(run))
+        print(scrub(json.dumps(run)))
     else:
-        print(f"submitted run {run['run_id']}: {run['url']}")
+        print(scrub(f"submitted run {run['run_id']}: {run['url']}"))  # the URL holds --host (and its password)
         if args.wait:
             print(f"run {run['run_id']} finished: {run['state']}")
     return 0 if not args.wait or run["state"] == "SUCCEEDED" else 1
@@ -270,17 +273,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if len(argv) > 1 else 2
     args, rest = p.parse_known_args(argv)
     args.argv = argv
+    register_secret(getattr(args, "token", None))  # never printed, whatever fails
     try:
         if getattr(args, "passthrough", False):
             return args.func(args, rest)
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+    except (ConfigError, KfpGrpoError, ValueError, FileNotFoundError) as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     except PipelineFailed as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 1
 
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from components.config import Config
+from components.redaction import refuse_credentials
 
 
 POLL_S = 10  # `submit --wait`: seconds between two looks at the run's state
@@ -50,7 +51,48 @@ def _pipeline_id(c, name: str, namespace: str | None) -> str | None:
 
 
 def _arguments(tracking_uri: str, init_policy_uri: str = "", init_reward_uri: str = "") -> dict[str, str]:
-    return {"tracking_uri": tracking_uri, "init_policy_uri": init_policy_uri, "init_reward_uri": init_reward_uri}
+    """The run's parameters; a value carrying a credential is refused (KFP stores and shows them)."""
+    args = {"tracking_uri": tracking_uri, "init_policy_uri": init_policy_uri, "init_reward_uri": init_reward_uri}
+    for name, value in args.items():
+        refuse_credentials(value, f"--{name.replace('_', '-')}")
+    return args
+
+
+# robfig/cron (the KFP backend's parser), seconds first: (name, lowest, highest, names)
+_CRON_FIELDS = (("seconds", 0, 59, ()), ("minutes", 0, 59, ()), ("hours", 0, 23, ()),
+                ("day of month", 1, 31, ()),
+                ("month", 1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")),
+                ("day of week", 0, 6, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")))
+MAX_CONCURRENCY = 10  # the KFP backend accepts 1..10 concurrent runs of a recurring run
+
+
+def validate_schedule(cron: str, max_concurrency: int) -> None:
+    """ValueError naming the field, before anything is uploaded: the server would refuse the
+    recurring run only after the pipeline version was created."""
+    fields = cron.split()
+    if len(fields) != 6:
+        raise ValueError(f"--cron needs 6 fields (seconds first), e.g. '0 0 2 * * *'; got {cron!r}")
+    for text, (name, lo, hi, names) in zip(fields, _CRON_FIELDS):
+        for part in text.split(","):
+            base, slash, step = part.partition("/")
+            if slash and not (step.isdigit() and int(step) > 0):
+                raise ValueError(f"--cron {cron!r}: {name} field {text!r}: step {step!r} is not a positive number")
+            if base in ("*", "?"):
+                continue
+            ends = base.split("-")
+            values = []
+            for end in ends:
+                up = end.upper()
+                if up in names:
+                    values.append(lo + names.index(up) if name == "day of week" else 1 + names.index(up))
+                elif end.isdigit():
+                    values.append(int(end))
+                else:
+                    raise ValueError(f"--cron {cron!r}: {name} field {text!r}: {end!r} is not a number")
+            if len(values) > 2 or any(not lo <= v <= hi for v in values) or values != sorted(values):
+                raise ValueError(f"--cron {cron!r}: {name} field {text!r} is not within {lo}-{hi}")
+    if not 1 <= max_concurrency <= MAX_CONCURRENCY:
+        raise ValueError(f"--max-concurrency {max_concurrency}: the KFP backend allows 1 to {MAX_CONCURRENCY}")
 
 
 def _quiet(fn):
@@ -79,11 +121,12 @@ def submit(cfg: Config, host: str | None = None, token: str | None = None, exper
     """
     from pipelines.pipeline import compile_pipeline
 
+    arguments = _arguments(tracking_uri, init_policy_uri, init_reward_uri)
     c = _client(host, token, namespace)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(cfg, str(Path(tmp) / "pipeline.yaml"))
         result = c.create_run_from_pipeline_package(
-            package, arguments=_arguments(tracking_uri, init_policy_uri, init_reward_uri),
+            package, arguments=arguments,
             run_name=run_name or cfg.name, experiment_name=experiment, namespace=namespace,
             enable_caching=False, service_account=service_account or cfg.cluster.service_account)
     run = {"run_id": result.run_id, "url": f"{c._get_url_prefix()}/#/runs/details/{result.run_id}"}  # as kfp links it
@@ -107,8 +150,9 @@ def schedule(cfg: Config, host: str | None = None, token: str | None = None, exp
     """
     from pipelines.pipeline import compile_pipeline
 
-    if len(cron.split()) != 6:
-        raise ValueError(f"--cron needs 6 fields (seconds first), e.g. '0 0 2 * * *'; got {cron!r}")
+    validate_schedule(cron, max_concurrency)
+    init = champion_uris(cfg) if from_champion else {}
+    params = _arguments(tracking_uri, **init)
     c = _client(host, token, namespace)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(cfg, str(Path(tmp) / "pipeline.yaml"))
@@ -124,10 +168,9 @@ def schedule(cfg: Config, host: str | None = None, token: str | None = None, exp
             version_id = c.upload_pipeline_version(package, pipeline_version_name=version_name,
                                                    pipeline_id=pipeline_id).pipeline_version_id
     exp = c.create_experiment(experiment, namespace=namespace)  # get-or-create; real errors propagate
-    init = champion_uris(cfg) if from_champion else {}
     job = c.create_recurring_run(
         experiment_id=exp.experiment_id, job_name=job_name or f"{cfg.name}-retrain", cron_expression=cron,
         max_concurrency=max_concurrency, no_catchup=True, pipeline_id=pipeline_id, version_id=version_id,
-        params=_arguments(tracking_uri, **init), enable_caching=False,
+        params=params, enable_caching=False,
         service_account=service_account or cfg.cluster.service_account)
     return job.recurring_run_id

@@ -17,10 +17,16 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from components import tracking
 from components.config import Config
+from components.io import claim_dir
+from components.redaction import refuse_credentials
 from pipelines.progress import TaskLog
 
 if TYPE_CHECKING:
     from pipelines.zygote import WarmTasks
+
+
+# what `kfp-grpo run` writes into its work directory (one written before the marker file holds only these)
+WORKDIR_LAYOUT = ("mlflow.db", "mlartifacts", "kfp", "cache", "logs", "mlflow-server.log")
 
 
 def embedded_tracking_uri(workdir: Path) -> str:
@@ -31,6 +37,7 @@ def embedded_tracking_uri(workdir: Path) -> str:
 def prepare_tracking(cfg: Config, workdir: Path) -> str:
     """Resolve the tracking URI and create schema + experiment once, before tasks run in parallel."""
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri(workdir)
+    refuse_credentials(uri, "$MLFLOW_TRACKING_URI")  # it becomes a run parameter, stored in the workdir
     if uri == embedded_tracking_uri(workdir):
         create_embedded_store(workdir / "mlflow.db")
     tracking.ensure_experiment(tracking.client(uri), cfg.tracking.experiment)
@@ -295,7 +302,17 @@ def run_local(cfg: Config, workdir: Path, init: dict[str, str], resume_run_id: s
     the default runner, tasks run as children of a warm process (`warm_task_processes`) unless
     `warm_tasks` (default: $KFP_GRPO_WARM_TASKS) says no.
     """
-    workdir.mkdir(parents=True, exist_ok=True)
+    from pipelines.parent_run import ResumeError
+
+    if resume_run_id and not (cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) \
+            and not (workdir / "mlflow.db").is_file():  # before anything is created there
+        raise ResumeError(f"cannot resume run {resume_run_id}: {workdir} holds no MLflow store (mlflow.db); "
+                          "resume with the --workdir of the interrupted run")
+    given = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if given:  # a URI that cannot be used fails before the work directory is created
+        refuse_credentials(given, "$MLFLOW_TRACKING_URI" if not cfg.tracking.tracking_uri else "tracking.tracking_uri")
+        tracking.client(given)  # its scheme, and a server that answers
+    claim_dir(workdir, "--workdir", WORKDIR_LAYOUT)
     logdir = workdir.resolve() / "logs" / time.strftime("%Y%m%d-%H%M%S")
     logdir.mkdir(parents=True, exist_ok=True)
     # first: the warm process imports torch & co. while this one compiles the pipeline

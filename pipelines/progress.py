@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from components.redaction import scrub
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TASK_START = re.compile(r"Executing task '([^']+)'")
 TASK_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
@@ -72,7 +74,7 @@ class TaskLog(io.TextIOBase):
 
     def write(self, text: str) -> int:
         if self.verbose:
-            self.terminal.write(text)
+            self.terminal.write(scrub(text))
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
@@ -98,7 +100,7 @@ class TaskLog(io.TextIOBase):
 
     # -- lines
     def _line(self, raw: str) -> None:
-        line = ANSI.sub("", raw)
+        line = scrub(ANSI.sub("", raw))  # task logs and the terminal never show a credential
         start, end = TASK_START.search(line), TASK_END.search(line)
         if start and start.group(1) in self.tasks:
             self._begin(start.group(1))

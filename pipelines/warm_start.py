@@ -11,11 +11,13 @@ from components.config import Config
 from pipelines.runtime import run_task, setup, write_metrics_file
 
 
-def resolve_model(uri: str, dst: str, tracking_uri: str, cfg_tracking_uri: str | None) -> bool:
+def resolve_model(uri: str, dst: str, tracking_uri: str, cfg_tracking_uri: str | None,
+                  may_be_absent: tuple[str, ...] = ()) -> bool:
     """Download a registered model (e.g. `models:/kfp-grpo-policy@champion`) into `dst`, atomically.
 
-    Returns False when `uri` names an alias that no version holds yet (no champion so
-    far: the caller trains from scratch instead); other failures raise.
+    Returns False when `uri` is one of `may_be_absent` (this config's champion URIs) and no
+    version holds it yet (no champion so far: the caller trains from scratch instead); any
+    other URI that does not resolve (a misspelt name or alias) raises.
     """
     import shutil
     import tempfile
@@ -30,12 +32,20 @@ def resolve_model(uri: str, dst: str, tracking_uri: str, cfg_tracking_uri: str |
             local = tracking.download_model(uri, tmp)
             shutil.copytree(local, out, dirs_exist_ok=True)
     except MlflowException as err:
-        if "@" in uri and ("alias" in str(err).lower() or "not found" in str(err).lower()):
+        if uri in may_be_absent and ("alias" in str(err).lower() or "not found" in str(err).lower()):
             print(f"[resolve] {uri} does not exist yet ({err.message}); training from scratch", flush=True)
             return False
-        raise
+        raise ValueError(f"cannot resolve {uri}: {' '.join(str(err.message).split())}; check the model name and "
+                         f"alias (only this config's champions {list(may_be_absent)} may not exist yet)") from None
     print(f"[resolve] {uri} → {dst}", flush=True)
     return True
+
+
+def _champions(cfg: Config) -> tuple[str, ...]:
+    """This config's champion URIs (`pipelines.client.champion_uris`): the ones that may not exist yet."""
+    from components.promote import names
+
+    return tuple(f"models:/{name}@{tracking.CHAMPION}" for name in names(cfg))
 
 
 def sft_task(name: str, config_json: str, parent_run_id: str, tracking_uri: str, metrics_artifact: Any,
@@ -44,7 +54,8 @@ def sft_task(name: str, config_json: str, parent_run_id: str, tracking_uri: str,
     from components import sft
 
     cfg = setup(config_json)
-    if init_policy_uri and resolve_model(init_policy_uri, model, tracking_uri, cfg.tracking.tracking_uri):
+    if init_policy_uri and resolve_model(init_policy_uri, model, tracking_uri, cfg.tracking.tracking_uri,
+                                         _champions(cfg)):
         write_metrics_file(metrics_artifact)
         return {}
     return run_task(sft.run, name, config_json, parent_run_id, tracking_uri, metrics_artifact, train=train,
@@ -58,7 +69,8 @@ def reward_model_task(name: str, config_json: str, parent_run_id: str, tracking_
     from components import reward_model as stage
 
     cfg = setup(config_json)
-    if init_reward_uri and resolve_model(init_reward_uri, reward_model, tracking_uri, cfg.tracking.tracking_uri):
+    if init_reward_uri and resolve_model(init_reward_uri, reward_model, tracking_uri, cfg.tracking.tracking_uri,
+                                         _champions(cfg)):
         carry_buffer(cfg, init_reward_uri, train, reward_model, rm_data)
         write_metrics_file(metrics_artifact)
         return {}

@@ -141,9 +141,12 @@ def test_yaml_that_is_not_a_mapping(tmp_path, text, kind):
         load_config(f, overrides={"seed": 3})
 
 
-def test_empty_yaml_is_the_defaults(tmp_path):
+def test_empty_yaml_is_an_error_and_an_empty_mapping_the_defaults(tmp_path):
     f = tmp_path / "empty.yaml"
-    f.write_text("# nothing\n")
+    f.write_text("# nothing\n")  # a truncated or wrong file must not run on built-in defaults
+    with pytest.raises(ConfigError, match="the config file is empty"):
+        load_config(f)
+    f.write_text("{}\n")
     assert load_config(f) == Config()
 
 
@@ -158,7 +161,7 @@ def test_missing_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match=f"config file not found: {missing}"):
         load_config(missing)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
         load_config(tmp_path)  # a directory is not a config file
 
 

@@ -57,7 +57,7 @@ def reward_dir(untrained_policy, tmp_path_factory) -> Path:
     """A real (untrained) tiny reward model directory: scalar head on the policy backbone."""
     from components.modeling import load_reward_model, save_model
 
-    rm, tok = load_reward_model(str(untrained_policy))
+    rm, tok = load_reward_model(str(untrained_policy), new_head=True)
     out = tmp_path_factory.mktemp("rm") / "reward_model"
     save_model(rm, tok, out)
     return out
@@ -306,6 +306,12 @@ def test_promote_cli_reports_bad_input(pcfg, tmp_path, trained_policy, capsys):
                "--test", str(tmp_path / "missing.parquet")])
     assert rc == 2
     assert "missing.parquet" in capsys.readouterr().err
+    # the manual promotion's MLflow run says it failed (it read FINISHED before)
+    import mlflow
+
+    c = mlflow.MlflowClient(pcfg.tracking.tracking_uri)
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()], "attributes.run_name = 'manual-promote'")
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 # --------------------------------------------------------------------------- MLflow-native models
