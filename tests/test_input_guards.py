@@ -216,7 +216,7 @@ def test_a_misspelt_model_uri_is_an_error_but_a_missing_champion_means_from_scra
     """Only this config's own champion URIs may be absent (the first run has no champion yet); a
     misspelt alias or name used to be taken for "no champion yet" and retrained from scratch."""
     from pipelines.client import champion_uris
-    from pipelines.runtime import _champions, resolve_model, sft_task
+    from pipelines.warm_start import _champions, resolve_model, sft_task
 
     cfg = fast_config(tracking={"tracking_uri": mlflow_uri})
     champions = tuple(champion_uris(cfg).values())
