@@ -22,7 +22,7 @@ from components.redaction import error_line
 from components.training import DivergenceError, NonFiniteError
 
 # Errors that are the user's input or a guarded stop (not a bug): printed as one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, KfpGrpoError, ValueError, FileNotFoundError, KeyError,
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, KfpGrpoError, ValueError, FileNotFoundError,
                                                 NonFiniteError, DivergenceError)
 
 
