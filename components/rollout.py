@@ -20,7 +20,7 @@ from components.sampling import Sampling, group_temperatures
 from components.grpo import group_advantages, zero_variance_fraction
 from components.io import read_parquet
 from components.modeling import chat_prompt, load_reward_model
-from components.reward_model import score
+from components.reward_model import ranking_agreement, score
 from components.stage_cli import stage_main
 from components.rewards import rewards_for
 from components.timing import PhaseClock
@@ -62,7 +62,8 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         raise ValueError(f"{empty} of {len(gens)} completions are empty (no token generated); "
                          "check rollout.max_new_tokens and the tokenizer's EOS")
     rm_scores = None
-    if cfg.reward.rm_weight and reward_model:
+    # the RM scores the round whenever it counts in the reward, and beside the verifier (the monitor)
+    if reward_model and (cfg.reward.weights()[0] or cfg.reward.kind == "verifier"):
         clock.lap("score")
         rm, rm_tok = load_reward_model(reward_model, cfg.model)
         clock.lap("io")
@@ -95,6 +96,9 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         "rollout/truncated_fraction": float((out.finish_reason == "length").mean()),
         **clock.metrics(),
     }
+    if rm_scores is not None:  # does the reward model still rank the way the verifier does on this round?
+        metrics["rollout/rm_agreement"], metrics["rollout/rm_agreement_pairs"] = ranking_agreement(
+            rm_scores, out.correct, out.group)
     tracking.log_metrics(metrics, step=step)
     print(f"[rollout] step {step}: {len(batch)} prompts × {rc.group_size} → accuracy "
           f"{metrics['rollout/accuracy']:.3f}, reward {metrics['rollout/reward_mean']:.3f}, "

@@ -1,0 +1,119 @@
+"""Reward-model replay: the RM trained on the policy's own samples, the RM as the reward, the staleness
+and agreement metrics of every iteration, and the reward-hacking monitor — through the real plan
+(`pipelines.inprocess`, real MLflow in a temp dir, a tiny real model)."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from components import monitor
+from components.artifacts import read_rollouts
+from components.config import ConfigError, parse_config
+from components.reward_model import policy_rm_data, ranking_agreement
+from components.rewards import format_reward, rewards_for
+from tests.conftest import fast_config
+
+
+# --------------------------------------------------------------------------- pure pieces
+def test_reward_kind_picks_the_terms():
+    completions, answers = ["<answer>5</answer>", "<answer>6</answer>"], ["5", "5"]
+    scores = np.array([-3.0, 3.0])  # the RM prefers the wrong one
+    mixed = rewards_for(parse_config({"reward": {"rm_weight": 0.2}}), completions, answers, scores).reward
+    rm = rewards_for(parse_config({"reward": {"kind": "rm"}}), completions, answers, scores).reward
+    ver = rewards_for(parse_config({"reward": {"kind": "verifier"}}), completions, answers, scores).reward
+    assert mixed[0] > mixed[1]  # the verifier dominates the mixed reward
+    assert rm[1] > rm[0]  # the RM alone decides: the wrong answer wins
+    assert rm.tolist() == pytest.approx([0.5 / (1 + np.exp(3)) + 0.1, 0.5 / (1 + np.exp(-3)) + 0.1])
+    assert ver.tolist() == pytest.approx([1.1, 0.1])
+
+
+def test_reward_kind_is_validated():
+    with pytest.raises(ConfigError, match="reward.*rm_weight"):
+        parse_config({"reward": {"kind": "rm", "rm_weight": 0}})
+    with pytest.raises(ConfigError, match="reward.*correctness_weight"):
+        parse_config({"reward": {"kind": "verifier", "correctness_weight": 0}})
+    with pytest.raises(ConfigError, match="reward.kind"):
+        parse_config({"reward": {"kind": "learned"}})
+
+
+def test_ranking_agreement_counts_pairs_within_groups():
+    # group 0: correct 2.0 vs wrong 1.0 (agree) and 3.0 (disagree); group 1: no correct one
+    acc, pairs = ranking_agreement([2.0, 1.0, 3.0, 5.0, 0.0], [True, False, False, False, False], [0, 0, 0, 1, 1])
+    assert (acc, pairs) == (0.5, 2)
+    acc, pairs = ranking_agreement([1.0, 1.0], [True, False], [0, 0])
+    assert (acc, pairs) == (0.5, 1)  # a tie is half an agreement
+    acc, pairs = ranking_agreement([1.0], [True], [0])
+    assert np.isnan(acc) and pairs == 0
+
+
+def test_monitor_flags_reward_up_while_accuracy_falls():
+    flagged, why = monitor.reward_hacking([0.3, 0.4, 0.5, 0.6], [0.3, 0.25, 0.2, 0.15])
+    assert flagged and "REWARD HACKING" in why
+    assert not monitor.reward_hacking([0.3, 0.4, 0.5, 0.6], [0.3, 0.35, 0.4, 0.5])[0]  # both rise: learning
+    assert not monitor.reward_hacking([0.6, 0.5, 0.4, 0.3], [0.3, 0.25, 0.2, 0.15])[0]  # both fall
+    assert not monitor.reward_hacking([0.3], [0.3])[0]
+
+
+def test_policy_rm_data_is_labelled_by_the_verifier(trained_policy, trained_test_set):
+    cfg = fast_config(reward_model={"policy_samples": 4})
+    prompts = pd.read_parquet(trained_test_set).head(20)
+    data = policy_rm_data(cfg, prompts, str(trained_policy))
+    answers = dict(zip(prompts.id.astype(str), prompts.answer))
+    from components.rewards import is_correct
+
+    assert len(data) > 20 and set(data.origin) == {"policy"}
+    assert data.label.tolist() == [float(is_correct(c, answers[i])) for c, i in zip(data.completion, data.prompt_id)]
+    assert 0 < data.label.mean() < 1  # the trained policy is right sometimes, not always
+    assert not data.duplicated(["prompt_id", "completion"]).any()
+
+
+# --------------------------------------------------------------------------- through the plan
+LEARNS = {"sft": {"steps": 300, "lr": 1e-3}, "reward_model": {"policy_samples": 4, "sample_prompts": 100},
+          "rollout": {"prompts_per_step": 24}, "loop": {"iterations": 2, "steps_per_iteration": 1}}
+
+
+def _parent_history(result: dict, key: str) -> list[tuple[int, float]]:
+    c = mlflow.MlflowClient(result["tracking_uri"])
+    return sorted((m.step, m.value) for m in c.get_metric_history(result["parent_run_id"], key))
+
+
+def test_rm_as_reward_through_the_plan_logs_staleness_every_iteration(tmp_path):
+    """reward.kind rm: the policy's reward is σ(r_φ) + format only (the verifier only labels); every iteration
+    logs the RM's accuracy on the new policy's samples before/after retraining and its agreement with the
+    verifier on the MLflow run; the monitor's verdict is on the run and in the result."""
+    from pipelines.inprocess import run_in_process
+
+    cfg = fast_config(**LEARNS, reward={"kind": "rm", "rm_weight": 1.0})
+    result = run_in_process(cfg, tmp_path / "work")
+    res = result["results"]
+    assert res["reward-model"]["rm/policy_examples"] > 0
+    for i in range(2):
+        rollouts = read_rollouts(str(tmp_path / "work" / f"rollout-i{i}-m0" / "rollouts"))
+        expected = 1.0 * rollouts.reward_rm + 0.1 * rollouts.completion.map(format_reward)
+        assert rollouts.reward.to_numpy() == pytest.approx(expected.to_numpy())
+        assert rollouts.reward_rm.nunique() > 1  # really scored by the RM
+        assert res[f"rm-replay-i{i}"]["replay/heldout_pairs"] > 0
+    for key in ("replay/rm_accuracy_before", "replay/rm_accuracy_after", "rollout/rm_agreement"):
+        history = _parent_history(result, key)
+        assert [s for s, _ in history] == [0, 1], (key, history)
+        assert all(0 <= v <= 1 for _, v in history)
+    c = mlflow.MlflowClient(result["tracking_uri"])
+    run = c.get_run(result["parent_run_id"])
+    assert run.data.metrics["monitor/reward_hacking"] in (0.0, 1.0)
+    assert run.data.tags["reward_hacking"] == res["promote"]["reward_hacking_reason"]
+    assert "rounds" in res["promote"]["reward_hacking_reason"]
+
+
+def test_verifier_reward_scores_nothing_of_the_rm_into_the_reward(tmp_path):
+    from pipelines.inprocess import run_in_process
+
+    cfg = fast_config(**{**LEARNS, "loop": {"iterations": 1, "steps_per_iteration": 1}}, reward={"kind": "verifier"})
+    result = run_in_process(cfg, tmp_path / "work")
+    rollouts = read_rollouts(str(tmp_path / "work" / "rollout-i0-m0" / "rollouts"))
+    expected = rollouts.reward_correct + 0.1 * rollouts.reward_format
+    assert rollouts.reward.to_numpy() == pytest.approx(expected.to_numpy())
+    assert rollouts.reward_rm.nunique() > 1  # still scored, for the agreement monitor
+    assert "rollout/rm_agreement" in result["results"]["rollout-i0-m0"]
