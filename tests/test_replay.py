@@ -117,3 +117,24 @@ def test_verifier_reward_scores_nothing_of_the_rm_into_the_reward(tmp_path):
     assert rollouts.reward.to_numpy() == pytest.approx(expected.to_numpy())
     assert rollouts.reward_rm.nunique() > 1  # still scored, for the agreement monitor
     assert "rollout/rm_agreement" in result["results"]["rollout-i0-m0"]
+
+
+def test_replay_benchmark_smoke(tmp_path):
+    """`python -m benchmarks.replay --smoke`: the four variants from one SFT model and RM, per-iteration rows,
+    the report, and one MLflow parent run per variant in the benchmark's store."""
+    import json
+
+    from benchmarks import replay
+
+    assert replay.main(["--smoke", "--seeds", "0", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "replay.json").read_text())
+    runs = res["per_seed"]["0"]
+    assert set(runs) == set(replay.VARIANTS)
+    assert all(len(e["iterations"]) == 2 for e in runs.values())
+    assert len({e["sft"] for e in runs.values()}) == 1 and len({json.dumps(e["rm_initial"]) for e in runs.values()}) == 1
+    md = (tmp_path / "replay.md").read_text()
+    assert md.count("| (a) RM frozen |") == 2 and "## Goals" in md
+    c = mlflow.MlflowClient(res["tracking_uri"])
+    parents = {r.info.run_id for r in c.search_runs([c.get_experiment_by_name("kfp-grpo-replay-bench").experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags}
+    assert parents == {e["run_id"] for e in runs.values()}
