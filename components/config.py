@@ -211,6 +211,9 @@ class TrainerJobConfig(_Strict):
 
 
 class GRPOConfig(_Strict):
+    supervision: Literal["outcome", "process"] = Field(
+        "outcome", description="outcome: one advantage per completion; process: per-token advantages from the "
+                               "verifier's verdict on each reasoning step (rewards.step_labels)")
     beta: float = Field(0.04, ge=0)
     eps_low: float = Field(0.2, gt=0, lt=1)
     eps_high: float = Field(0.2, gt=0)

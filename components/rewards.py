@@ -206,6 +206,32 @@ def split_steps(completion: str) -> list[tuple[int, int]]:
     return spans
 
 
+_EQUATION_RE = re.compile(r"(-?\d+)\s*([+*-])\s*\(?(-?\d+)\)?\s*=\s*(-?\d+)")
+
+
+def step_labels(completion: str, answer: str) -> list[tuple[tuple[int, int], float]]:
+    """The verifier's verdict on each step of a completion (:func:`split_steps`): (span, 1.0 or 0.0).
+
+    A reasoning step is right when every equation in it (``a op b = c``, ``op`` one of + - *)
+    holds and no earlier step was wrong (a step built on a wrong value is wrong too); a step
+    without an equation inherits the verdict so far. The answer step (the last one, when the
+    completion has an ``<answer>`` tag) is right when the final answer is (:func:`is_correct`).
+    """
+    spans = split_steps(completion)
+    labels: list[tuple[tuple[int, int], float]] = []
+    ok = True
+    for k, (a, b) in enumerate(spans):
+        text = completion[a:b]
+        if k == len(spans) - 1 and "<answer>" in text:
+            labels.append(((a, b), 1.0 if is_correct(completion, answer) else 0.0))
+            break
+        for x, op, y, z in _EQUATION_RE.findall(text):
+            x, y, z = int(x), int(y), int(z)
+            ok = ok and z == (x + y if op == "+" else x - y if op == "-" else x * y)
+        labels.append(((a, b), 1.0 if ok else 0.0))
+    return labels
+
+
 # =========================================================================== the weighted reward
 def rewards_for(cfg: Config, completions: list[str], answers: list[str],
                 rm_scores: np.ndarray | None = None) -> pd.DataFrame:

@@ -138,3 +138,71 @@ def test_replay_benchmark_smoke(tmp_path):
     parents = {r.info.run_id for r in c.search_runs([c.get_experiment_by_name("kfp-grpo-replay-bench").experiment_id])
                if "mlflow.parentRunId" not in r.data.tags}
     assert parents == {e["run_id"] for e in runs.values()}
+
+
+# --------------------------------------------------------------------------- process supervision
+def test_step_labels_follow_the_first_mistake():
+    from components.rewards import step_labels
+
+    good = "<think>37 + 48 = 85\n85 + 12 = 97</think><answer>97</answer>"
+    assert [v for _, v in step_labels(good, "97")] == [1.0, 1.0, 1.0]
+    carry = "<think>37 + 48 = 75\n75 + 12 = 87</think><answer>87</answer>"  # the second step holds, on a wrong value
+    assert [v for _, v in step_labels(carry, "97")] == [0.0, 0.0, 0.0]
+    late = "<think>37 + 48 = 85\n85 + 12 = 96</think><answer>96</answer>"
+    assert [v for _, v in step_labels(late, "97")] == [1.0, 0.0, 0.0]
+    assert [v for _, v in step_labels("<answer>97</answer>", "97")] == [1.0]
+
+
+def test_process_advantages_reach_the_loss_token_by_token():
+    """Rollout's per-token advantages (grpo.process_advantages over the verifier's step rewards) become the
+    update's [N, T] advantages, and the loss's gradient on each token follows its own advantage: the tokens of
+    a wrong step get a lower advantage than those of the right step before it."""
+    import torch
+
+    from components.grpo import grpo_loss
+    from components.grpo_update import _tensors
+    from components.modeling import build_tiny_tokenizer
+    from components.rollout import process_token_advantages
+
+    tok = build_tiny_tokenizer()
+    texts = ["<think>1 + 2 = 3\n3 + 4 = 8</think><answer>8</answer>",   # right step, then a wrong one
+             "<think>1 + 2 = 3\n3 + 4 = 7</think><answer>7</answer>"]
+    ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in texts]
+    rows = pd.DataFrame({"completion": texts, "completion_ids": ids, "answer": ["7", "7"]})
+    token_adv, step_accuracy = process_token_advantages(tok, rows, 2, 1e-4)
+    assert step_accuracy == pytest.approx(4 / 6)
+    first_step_end = ids[0].index(tok.convert_tokens_to_ids("\n"))
+    wrong, right = token_adv
+    assert wrong[first_step_end + 1] < wrong[first_step_end] and wrong[0] == wrong[first_step_end]
+    assert min(right) > max(wrong[:-1]) and wrong[-1] == right[-1] == 0.0  # EOS: after the last step
+
+    rows = rows.assign(prompt_text=["q", "q"], sampler_logprobs=[[0.0] * len(i) for i in ids], advantage=[0.0, 0.0],
+                       token_advantages=token_adv)
+    t = _tensors(tok, rows, torch.device("cpu"))
+    assert t["advantages"].shape == t["completion_ids"].shape
+    logp = torch.zeros(t["advantages"].shape, requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach(), None, t["advantages"], t["completion_mask"], beta=0.0)
+    loss.backward()
+    n = t["completion_mask"].sum(-1, keepdim=True)
+    assert torch.allclose(-logp.grad * 2 * n, t["advantages"] * t["completion_mask"], atol=1e-5)
+
+
+MULTISTEP = {"data": {"num_train": 400, "num_test": 40, "arithmetic": {"num_operations": 2}},
+             "sft": {"steps": 300, "lr": 1e-3, "with_reasoning": True},
+             "rollout": {"max_new_tokens": 32, "prompts_per_step": 8}, "evaluation": {"max_new_tokens": 32},
+             "grpo": {"supervision": "process", "minibatch_size": 16, "lr": 1e-4},
+             "loop": {"iterations": 1, "steps_per_iteration": 2}}
+
+
+def test_process_supervision_through_the_plan(tmp_path):
+    from pipelines.inprocess import run_in_process
+
+    cfg = fast_config(**MULTISTEP)
+    result = run_in_process(cfg, tmp_path / "work")
+    rollouts = read_rollouts(str(tmp_path / "work" / "rollout-i0-m0" / "rollouts"),
+                             ("completion", "completion_ids", "token_advantages", "advantage"))
+    assert [len(a) for a in rollouts.token_advantages] == [len(i) for i in rollouts.completion_ids]
+    assert any(len(set(a[:-1])) > 1 for a in rollouts.token_advantages)  # advantages vary within a completion
+    assert rollouts.completion.str.contains(" = ").mean() > 0.5  # the policy writes its steps
+    assert 0 <= result["results"]["rollout-i0-m0"]["rollout/step_accuracy"] <= 1
+    assert result["results"]["grpo-update-i0-m1"]
