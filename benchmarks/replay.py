@@ -1,7 +1,8 @@
 """Reward-model replay ablation: does retraining the reward model on fresh policy samples (with 10%
 replayed history) keep a policy that optimises the learned reward model honest?
 
-    python -m benchmarks.replay                    # seeds 0,1: four variants each, in process
+    python -m benchmarks.replay                    # seeds 0,1: four variants each + outcome vs process, in process
+    python -m benchmarks.replay --parts replay     # only the replay ablation
     python -m benchmarks.replay --seeds 0 --smoke  # seconds (tests/test_benchmarks.py)
 
 Per seed, one SFT checkpoint and one initial reward model (the run of variant (c) trains them; the
@@ -17,6 +18,9 @@ Per iteration: the RM's pairwise accuracy on held-out fresh samples of the new p
 after retraining, its agreement with the verifier on the rounds' rollouts, the rollout reward and
 the verifier's accuracy on the rollouts, and held-out (greedy) accuracy. Every run is an MLflow
 parent run in one store (`<out>/replay-work/mlflow.db`, experiment `kfp-grpo-replay-bench`).
+
+Part 2 (`--parts supervision`): outcome vs process supervision (`grpo.supervision`) on the multi-step
+task (pipelines/configs/multistep.yaml), the verifier as the reward, one SFT model per seed for both.
 
 Writes benchmarks/results/<date>[-smoke]/replay.{json,md,png}.
 """
@@ -49,9 +53,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fresh": {"reward": {"kind": "rm"}, "replay": {"historical_fraction": 0.0}},
     "verifier": {"reward": {"kind": "verifier"}},
 }
+SUPERVISION_SMOKE = {"data": {"num_train": 64, "num_test": 16}, "sft": {"steps": 5, "batch_size": 8},
+                     "reward_model": {"steps": 2, "batch_size": 8}, "replay": {"steps": 2, "batch_size": 8},
+                     "rollout": {"group_size": 4, "prompts_per_step": 4}, "grpo": {"minibatch_size": 8},
+                     "loop": {"iterations": 2}}
 LABELS = {"frozen": "(a) RM frozen", "fresh": "(b) RM retrained, fresh only", "replay": "(c) RM retrained, fresh + 10% history",
           "verifier": "(d) verifier as the reward"}
 SHARED = ("prepare-data", "sft", "evaluate-sft", "reward-model")
+
+# Part 2: outcome vs process supervision on the multi-step task (pipelines/configs/multistep.yaml; the verifier
+# as the reward): the same SFT model per seed, the advantage per completion or per token.
+MULTISTEP = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "multistep.yaml"
+SUPERVISION: dict[str, dict[str, Any]] = {"outcome": {"grpo": {"supervision": "outcome"}},
+                                          "process": {"grpo": {"supervision": "process"}}}
 
 
 def variant_config(overrides: dict[str, Any], name: str, seed: int):
@@ -105,9 +119,47 @@ def run_seed(overrides: dict[str, Any], seed: int, work: Path, only: list[str]) 
     return out
 
 
+def run_supervision(overrides: dict[str, Any], seed: int, work: Path) -> dict[str, Any]:
+    from components.config import _deep_merge, load_config
+    from pipelines.inprocess import run_in_process
+
+    out: dict[str, Any] = {}
+    shared: tuple[Path, dict[str, dict]] | None = None
+    for name, variant in SUPERVISION.items():
+        cfg = load_config(MULTISTEP, _deep_merge(_deep_merge(overrides, variant), {"seed": seed}))
+        wd = fresh_dir(work / f"seed{seed}-supervision-{name}")
+        print(f"[replay] seed {seed}: {name} supervision on the multi-step task ...", flush=True)
+        began = time.perf_counter()
+        res = run_in_process(cfg, wd, reuse=shared)
+        wall = time.perf_counter() - began
+        r = res["results"]
+        if shared is None:
+            shared = (wd, {t: r[t] for t in SHARED})
+        rows = []
+        for i in range(cfg.loop.iterations):
+            rounds = [r[f"rollout-i{i}-m{m}"] for m in range(cfg.loop.steps_per_iteration)]
+            rows.append({"iteration": i, "heldout": r[f"evaluate-i{i}"]["eval/accuracy"],
+                         "rollout_accuracy": sum(x["rollout/accuracy"] for x in rounds) / len(rounds),
+                         "step_accuracy": sum(x.get("rollout/step_accuracy", float("nan")) for x in rounds)
+                         / len(rounds)})
+        out[name] = {"sft": r["evaluate-sft"]["eval/accuracy"], "iterations": rows, "wall_s": wall,
+                     "run_id": res["parent_run_id"], "config_hash": cfg.hash()}
+        curve = " → ".join(f"{x['heldout']:.3f}" for x in rows)
+        print(f"[replay] seed {seed} {name} supervision: held-out {out[name]['sft']:.3f} → {curve} ({wall:.0f}s)",
+              flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- report
 def summarize(res: dict[str, Any]) -> None:
+    res["goals"] = []
+    sup = list(res.get("supervision", {}).values())
+    if sup:
+        res["supervision_summary"] = {name: spread([s[name]["iterations"][-1]["heldout"] for s in sup])
+                                      for name in SUPERVISION}
     seeds = list(res["per_seed"].values())
+    if not seeds:
+        return
     res["summary"] = {name: {
         "final_heldout": spread([s[name]["iterations"][-1]["heldout"] for s in seeds]),
         "mean_heldout": spread([sum(x["heldout"] for x in s[name]["iterations"]) / len(s[name]["iterations"])
@@ -116,7 +168,7 @@ def summarize(res: dict[str, Any]) -> None:
                              for s in seeds]),
         "hacking_flags": sum(bool(s[name]["reward_hacking"]) for s in seeds)}
         for name in VARIANTS if all(name in s for s in seeds)}
-    sm, goals = res["summary"], []
+    sm, goals = res["summary"], res["goals"]
     if {"frozen", "fresh", "replay"} <= set(sm):
         c, a, b = (sm[k]["final_heldout"]["mean"] for k in ("replay", "frozen", "fresh"))
         goals.append(f"(c) replay holds final held-out accuracy above (a) frozen: {'met' if c > a else 'NOT met'} "
@@ -124,7 +176,6 @@ def summarize(res: dict[str, Any]) -> None:
         goals.append(f"(c) replay at least (b) fresh only: {'met' if c >= b else 'NOT met'} — {c:.3f} vs {b:.3f}")
         goals.append(f"(a) frozen shows the exploitation (monitor flag): {sm['frozen']['hacking_flags']} of "
                      f"{len(seeds)} seeds")
-    res["goals"] = goals
 
 
 def _f(x: float) -> str:
@@ -151,6 +202,23 @@ def markdown(res: dict[str, Any]) -> str:
                              f"{_f(x['rollout_accuracy'])} | {_f(x['heldout'])} |")
         lines += ["", "Monitor and wall time: " + "; ".join(
             f"{name}: {e['monitor']} ({e['wall_s']:.0f} s)" for name, e in s.items()), ""]
+    if res.get("supervision"):
+        lines += ["## Outcome vs process supervision (multi-step task)", "",
+                  f"`pipelines/configs/multistep.yaml` (a + b + c, solutions in steps; the verifier as the reward) "
+                  f"with `{json.dumps(res['supervision_overrides'])}`; per seed one SFT model for both. Step accuracy: "
+                  "the fraction of the rollouts' steps the verifier judges right (process runs only).", "",
+                  "| seed | supervision | SFT held-out | held-out per iteration | rollout acc per iteration | "
+                  "step acc | wall s |", "|---|---|---:|---|---|---|---:|"]
+        for seed, s in res["supervision"].items():
+            for name, e in s.items():
+                it = e["iterations"]
+                lines.append(f"| {seed} | {name} | {e['sft']:.3f} | {' → '.join(_f(x['heldout']) for x in it)} | "
+                             f"{' → '.join(_f(x['rollout_accuracy']) for x in it)} | "
+                             f"{' → '.join(_f(x['step_accuracy']) for x in it)} | {e['wall_s']:.0f} |")
+        lines += ["", "Final held-out accuracy, mean ± std over seeds: " + "; ".join(
+            f"{k} {_pm(v)}" for k, v in res["supervision_summary"].items()), ""]
+    if not res["per_seed"]:
+        return "\n".join(lines + [""])
     lines += ["## Summary over seeds", "", "| variant | final held-out | mean held-out over iterations | "
               "RM accuracy before retraining (mean) | hacking flags |", "|---|---|---|---|---:|"]
     for name, sm in res["summary"].items():
@@ -167,6 +235,8 @@ def _pm(s: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any], out: Path) -> list[str]:
+    if not res.get("summary"):
+        return []
     try:
         import matplotlib
     except ImportError:
@@ -203,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1", help="comma-separated (default 0,1)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
+    p.add_argument("--parts", default="replay,supervision", help="replay (the ablation), supervision "
+                   "(outcome vs process on the multi-step task), or both")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the benchmark config")
     p.add_argument("--smoke", action="store_true", help="a tiny config (seconds; tests/test_benchmarks.py)")
     p.add_argument("--out", help="output folder (default benchmarks/results/<date>[-smoke])")
@@ -225,7 +297,13 @@ def main(argv: list[str] | None = None) -> int:
                            "command": f"python -m benchmarks.replay {args}".rstrip(), "tracking_uri": uri,
                            "per_seed": {}}
     only = a.variants.split(",")
-    for seed in seeds:
+    parts = a.parts.split(",")
+    if "supervision" in parts:
+        sup = _deep_merge(SUPERVISION_SMOKE if a.smoke else {}, parse_sets(a.set))
+        sup = _deep_merge(sup, {"tracking": {"tracking_uri": uri, "experiment": BENCH["tracking"]["experiment"]}})
+        res["supervision_overrides"] = {k: v for k, v in sup.items() if k != "tracking"}
+        res["supervision"] = {str(seed): run_supervision(sup, seed, work) for seed in seeds}
+    for seed in seeds if "replay" in parts else []:
         res["per_seed"][str(seed)] = run_seed(overrides, seed, work, only)
     res["loadavg_end"] = loadavg()
     res["elapsed_min"] = (time.perf_counter() - started) / 60

@@ -133,11 +133,14 @@ def test_replay_benchmark_smoke(tmp_path):
     assert all(len(e["iterations"]) == 2 for e in runs.values())
     assert len({e["sft"] for e in runs.values()}) == 1 and len({json.dumps(e["rm_initial"]) for e in runs.values()}) == 1
     md = (tmp_path / "replay.md").read_text()
-    assert md.count("| (a) RM frozen |") == 2 and "## Goals" in md
+    assert md.count("| (a) RM frozen |") == 3 and "## Goals" in md  # 2 iterations + the summary over seeds
+    sup = res["supervision"]["0"]  # part 2: outcome vs process supervision on the multi-step task
+    assert set(sup) == {"outcome", "process"} and sup["outcome"]["sft"] == sup["process"]["sft"]
+    assert all(len(e["iterations"]) == 2 for e in sup.values()) and "Outcome vs process" in md
     c = mlflow.MlflowClient(res["tracking_uri"])
     parents = {r.info.run_id for r in c.search_runs([c.get_experiment_by_name("kfp-grpo-replay-bench").experiment_id])
                if "mlflow.parentRunId" not in r.data.tags}
-    assert parents == {e["run_id"] for e in runs.values()}
+    assert parents == {e["run_id"] for e in runs.values()} | {e["run_id"] for e in sup.values()}
 
 
 # --------------------------------------------------------------------------- process supervision
