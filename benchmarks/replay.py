@@ -22,7 +22,8 @@ parent run in one store (`<out>/replay-work/mlflow.db`, experiment `kfp-grpo-rep
 Part 2 (`--parts supervision`): outcome vs process supervision (`grpo.supervision`) on the multi-step
 task (pipelines/configs/multistep.yaml), the verifier as the reward, one SFT model per seed for both.
 
-Writes benchmarks/results/<date>[-smoke]/replay.{json,md,png}.
+Writes benchmarks/results/<date>[-smoke]/replay.{json,md,png}; `--publish` copies the report and plot into
+benchmarks/RESULTS.md and benchmarks/plots/.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, SMOKE, default_config, fresh_dir, loadavg, machine, machine_line, \
-    parse_sets, spread, write_json
+    parse_sets, publish, spread, write_json
 
 # The loop is smaller than the default's (one round per iteration, 128 prompts a round) so that
 # 4 variants × 2 seeds fit in minutes on 2 CPU cores; the reward model learns from the SFT policy's
@@ -276,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="replay,supervision", help="replay (the ablation), supervision "
                    "(outcome vs process on the multi-step task), or both")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the benchmark config")
-    p.add_argument("--smoke", action="store_true", help="a tiny config (seconds; tests/test_benchmarks.py)")
+    p.add_argument("--smoke", action="store_true", help="a tiny config (seconds; tests/test_replay.py)")
+    p.add_argument("--publish", action="store_true", help="copy the report and plot into benchmarks/RESULTS.md")
     p.add_argument("--out", help="output folder (default benchmarks/results/<date>[-smoke])")
     a = p.parse_args(argv)
     started = time.perf_counter()
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "replay.md").write_text(md)
     write_json(res, out / "replay.json")
     print(md, flush=True)
+    if a.publish:
+        print(f"[replay] published to {publish(md, 'replay', [out / n for n in res['plots']])}")
     return 0
 
 
