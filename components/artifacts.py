@@ -19,7 +19,8 @@ The rollout table (Parquet, one row per completion; written by `rollout`, read b
 ``reward_correct``     the verifier's part (1/0)
 ``reward_format``      the format part (1 / 0.5 / 0)
 ``correct``            the verifier's verdict
-``advantage``          Â, finite
+``advantage``          Â, finite (process supervision: the mean of the completion's token advantages)
+``token_advantages``   process supervision: Â_t for each completion token; empty for outcome supervision
 ``policy_version``     "iteration.round" of the policy that sampled it
 ``step``               the global round index
 ==================== =====================================================================
@@ -42,7 +43,7 @@ BUFFER_FILE = "replay_buffer.parquet"
 
 ROLLOUT_COLUMNS = ("id", "prompt", "answer", "prompt_text", "completion", "completion_ids", "sampler_logprobs",
                    "temperature", "finish_reason", "group", "reward", "reward_rm", "reward_correct", "reward_format",
-                   "correct", "advantage", "policy_version", "step")
+                   "correct", "advantage", "token_advantages", "policy_version", "step")
 # what the update needs of a table (a hand-made table for `kfp-grpo stage grpo_update` may have only these)
 UPDATE_COLUMNS = ("prompt_text", "completion_ids", "sampler_logprobs", "advantage", "reward")
 

@@ -141,6 +141,10 @@ class RewardModelConfig(_Strict):
     max_length: int = Field(64, ge=8, le=131_072)
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
     negatives_per_prompt: int = Field(1, ge=1)
+    policy_samples: int = Field(0, ge=0, description="completions sampled per prompt from the SFT policy and "
+                                                     "labelled by the verifier, added to the synthetic data "
+                                                     "(0: synthetic correct vs wrong answers only)")
+    sample_prompts: int = Field(1000, ge=1, description="training prompts the policy samples are drawn for")
 
 
 class RewardConfig(_Strict):
@@ -148,16 +152,29 @@ class RewardConfig(_Strict):
 
     s is the sigmoid (the RM's probability that the completion is good, bounded in (0, 1)
     so an exploited RM cannot outweigh the verifier) or the identity (`rm_squash: false`).
+    `kind` says which terms count: `mixed` all three; `rm` the learned reward model (and the
+    format), the verifier only labelling the samples the RM is retrained on (iterative RL);
+    `verifier` the verifier (and the format), no reward model.
     """
 
+    kind: Literal["mixed", "rm", "verifier"] = "mixed"
     rm_weight: float = 0.5
     rm_squash: bool = True
     correctness_weight: float = 1.0
     format_weight: float = 0.1
 
+    def weights(self) -> tuple[float, float, float]:
+        """(rm, correctness, format) weights that count for `kind`."""
+        return (0.0 if self.kind == "verifier" else self.rm_weight,
+                0.0 if self.kind == "rm" else self.correctness_weight, self.format_weight)
+
     @model_validator(mode="after")
     def _some_reward(self) -> "RewardConfig":
-        if self.rm_weight == 0 and self.correctness_weight == 0 and self.format_weight == 0:
+        if self.kind == "rm" and self.rm_weight == 0:
+            raise ValueError("kind 'rm' optimises the reward model: rm_weight must not be 0")
+        if self.kind == "verifier" and self.correctness_weight == 0:
+            raise ValueError("kind 'verifier' optimises the verifier: correctness_weight must not be 0")
+        if not any(self.weights()):
             raise ValueError("all reward weights are 0: there is nothing to optimise")
         return self
 
@@ -221,6 +238,9 @@ class TrainerJobConfig(_Strict):
 
 
 class GRPOConfig(_Strict):
+    supervision: Literal["outcome", "process"] = Field(
+        "outcome", description="outcome: one advantage per completion; process: per-token advantages from the "
+                               "verifier's verdict on each reasoning step (rewards.step_labels)")
     beta: float = Field(0.04, ge=0)
     eps_low: float = Field(0.2, gt=0, lt=1)
     eps_high: float = Field(0.2, gt=0)

@@ -39,9 +39,11 @@ def _tensors(tok, rows: pd.DataFrame, device: torch.device) -> dict[str, torch.T
     enc = encode_prompts(tok, rows.prompt_text.tolist())
     c_ids, c_mask = pad_right([list(x) for x in rows.completion_ids], tok.pad_token_id)
     behavior = _pad([torch.tensor(list(lp), dtype=torch.float32) for lp in rows.sampler_logprobs], c_ids.shape[1])
+    advantages = torch.tensor(rows.advantage.to_numpy(), dtype=torch.float32)  # [N]: outcome supervision
+    if "token_advantages" in rows and any(len(a) for a in rows.token_advantages):  # [N, T]: process supervision
+        advantages = _pad([torch.tensor(list(a), dtype=torch.float32) for a in rows.token_advantages], c_ids.shape[1])
     t = {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"], "completion_ids": c_ids,
-         "completion_mask": c_mask, "advantages": torch.tensor(rows.advantage.to_numpy(), dtype=torch.float32),
-         "behavior_logp": behavior}
+         "completion_mask": c_mask, "advantages": advantages, "behavior_logp": behavior}
     return {k: v.to(device) for k, v in t.items()}
 
 

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-from components import evaluate, tracking
+from components import evaluate, monitor, tracking
 from components.config import Config
 from components.stage_cli import config_from_args, main_wrapper, parser
 
@@ -126,7 +126,20 @@ def run(cfg: Config, policy: str, reward_model: str | None, test: str, run_id: s
         c.log_metric(run_id, "promote/start_accuracy", start_accuracy)
     print(f"[promote] {policy_name} v{pv}: {'PROMOTED to champion' if promoted else 'not promoted'} — {reason}",
           flush=True)
-    return asdict(decision)
+    return {**asdict(decision), **hacking_monitor(c, run_id)}
+
+
+def hacking_monitor(c, run_id: str) -> dict:
+    """The run's reward-hacking check (`components.monitor`) from its per-round rollout curves, logged on
+    the run (metric `monitor/reward_hacking`, tag `reward_hacking`) and returned for the run summary."""
+    def curve(key: str) -> list[float]:
+        return [m.value for m in sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+    flagged, why = monitor.reward_hacking(curve("rollout/reward_mean"), curve("rollout/accuracy"))
+    c.log_metric(run_id, "monitor/reward_hacking", float(flagged))
+    c.set_tag(run_id, "reward_hacking", why)
+    print(f"[promote] monitor: {why}", flush=True)
+    return {"reward_hacking": flagged, "reward_hacking_reason": why}
 
 
 PENDING = "pending"

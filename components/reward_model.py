@@ -9,7 +9,9 @@ completions of the same prompt.
 from __future__ import annotations
 
 import random
+import time
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from components.io import distinct_outputs, read_parquet, write_parquet
 from components.modeling import (DTYPES, ModelLoadError, _damaged, _load_errors, batched, default_device, load_tokenizer,
                                  save_model)
 from components.stage_cli import stage_main
-from components.rewards import reference_completion, wrong_answer
+from components.rewards import is_correct, reference_completion, wrong_answer
 from components.training import train_steps
 
 RM_COLUMNS = ["prompt_id", "prompt", "completion", "label", "origin"]
@@ -36,6 +38,26 @@ def synthetic_rm_data(prompts: pd.DataFrame, negatives: int, seed: int) -> pd.Da
         for _ in range(negatives):
             rows.append((r.id, r.prompt, reference_completion(wrong_answer(r.answer, rng)), 0.0, "synthetic"))
     return pd.DataFrame(rows, columns=RM_COLUMNS)
+
+
+def policy_rm_data(cfg: Config, prompts: pd.DataFrame, policy: str) -> pd.DataFrame:
+    """`reward_model.policy_samples` completions per prompt sampled from the model directory `policy`
+    (as a rollout samples them), labelled by the task's verifier: the mistakes the policy itself makes,
+    not only synthetic wrong numbers."""
+    from components.generation import make_backend
+    from components.modeling import chat_prompt
+    from components.sampling import Sampling, group_temperatures
+
+    rc, n = cfg.rollout, cfg.reward_model.policy_samples
+    backend = make_backend("hf", policy, cfg.model, rc)
+    texts = [chat_prompt(backend.tok, p, cfg.data.system_prompt) for p in prompts.prompt]
+    gens = backend.generate(texts, Sampling(n=n, temperatures=group_temperatures(n, rc.temperature,
+                            rc.temperature_range), max_new_tokens=rc.max_new_tokens, top_p=rc.top_p, seed=cfg.seed))
+    rows = prompts.iloc[[g.prompt_index for g in gens]].reset_index(drop=True)
+    data = pd.DataFrame({"prompt_id": rows.id.astype(str), "prompt": rows.prompt, "completion": [g.text for g in gens],
+                         "label": [float(is_correct(g.text, a)) for g, a in zip(gens, rows.answer)],
+                         "origin": "policy"})
+    return data.drop_duplicates(["prompt_id", "completion"]).reset_index(drop=True)
 
 
 def make_pairs(data: pd.DataFrame, seed: int, max_per_prompt: int = 4) -> list[tuple[str, str, str]]:
@@ -81,6 +103,20 @@ def pairwise_accuracy(rm, tok, pairs: list[tuple[str, str, str]], max_length: in
     p, c, r = zip(*pairs)
     return float((score(rm, tok, list(p), list(c), max_length) > score(rm, tok, list(p), list(r), max_length))
                  .float().mean())
+
+
+def ranking_agreement(scores, correct, groups) -> tuple[float, int]:
+    """How often r_φ agrees with the verifier: over the pairs (correct, incorrect) of completions of
+    one group (prompt), the fraction where the correct one scores higher (ties count half); and the
+    number of pairs (NaN, 0 when no group has both)."""
+    df = pd.DataFrame({"s": np.asarray(scores, dtype=float), "c": np.asarray(correct, dtype=bool), "g": groups})
+    agree, n = 0.0, 0
+    for _, g in df.groupby("g", sort=False):
+        good, bad = g.s[g.c].to_numpy(), g.s[~g.c].to_numpy()
+        diff = good[:, None] - bad[None, :]
+        agree += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+        n += diff.size
+    return (agree / n if n else float("nan")), n
 
 
 def fit(rm, tok, data: pd.DataFrame, cfg: Config, steps: int, lr: float, batch_size: int, name: str) -> list[float]:
@@ -138,16 +174,29 @@ def run(cfg: Config, train: str, policy: str, reward_model: str, rm_data: str) -
     """
     distinct_outputs(reward_model=reward_model, rm_data=rm_data)
     prompts = read_parquet(train, "training prompts", ["id", "prompt", "answer"])
-    data = synthetic_rm_data(prompts, cfg.reward_model.negatives_per_prompt, cfg.seed)
-    train, held = split_by_prompt(data, cfg.reward_model.heldout_fraction, cfg.seed)
+    rc = cfg.reward_model
+    data = synthetic_rm_data(prompts, rc.negatives_per_prompt, cfg.seed)
+    start = time.perf_counter()
+    if rc.policy_samples:
+        sampled = prompts.sample(n=min(rc.sample_prompts, len(prompts)), random_state=cfg.seed)
+        data = pd.concat([data, policy_rm_data(cfg, sampled, policy)], ignore_index=True)
+    sample_seconds = time.perf_counter() - start
+    train, held = split_by_prompt(data, rc.heldout_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)  # the new score head's initialisation
     rm, tok = load_backbone(policy, cfg)
-    rc = cfg.reward_model
+    start = time.perf_counter()
     losses = fit(rm, tok, train, cfg, rc.steps, rc.lr, rc.batch_size, "reward_model")
+    train_seconds = time.perf_counter() - start
     acc = pairwise_accuracy(rm, tok, make_pairs(held, cfg.seed), rc.max_length)
-    print(f"[reward_model] held-out pairwise accuracy {acc:.3f}", flush=True)
-    metrics = {"rm/heldout_accuracy": acc, "rm/final_loss": losses[-1] if losses else float("nan"),
-               "rm/examples": len(train)}
+    policy_pairs = make_pairs(held[held.origin == "policy"], cfg.seed)
+    acc_policy = pairwise_accuracy(rm, tok, policy_pairs, rc.max_length)
+    print(f"[reward_model] held-out pairwise accuracy {acc:.3f}; on the policy's own samples {acc_policy:.3f} "
+          f"({len(policy_pairs)} pairs); sampling {sample_seconds:.0f}s, training {train_seconds:.0f}s", flush=True)
+    metrics = {"rm/heldout_accuracy": acc, "rm/heldout_accuracy_policy": acc_policy,
+               "rm/heldout_policy_pairs": len(policy_pairs),
+               "rm/final_loss": losses[-1] if losses else float("nan"), "rm/examples": len(train),
+               "rm/policy_examples": int((train.origin == "policy").sum()),
+               "rm/sample_seconds": sample_seconds, "rm/train_seconds": train_seconds}
     tracking.log_metrics(metrics)
     save_model(rm, tok, reward_model)
     write_parquet(data, rm_data)

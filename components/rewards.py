@@ -5,6 +5,8 @@ A completion answers in the task's format, ``<answer>N</answer>``, optionally af
 
     reward = rm_weight · s(r_φ(prompt, completion)) + correctness_weight · correct + format_weight · format
 
+(`reward.kind`: `rm` drops the correctness term, `verifier` the reward-model term.)
+
 - ``correct`` (:func:`correctness_reward`): 1 when the number in the last ``<answer>`` tag
   equals the reference answer (compared as canonical numbers, :func:`normalize_number`), else 0;
 - ``format`` (:func:`format_reward`): 1 for exactly the answer format, 0.5 for an answer tag
@@ -204,6 +206,32 @@ def split_steps(completion: str) -> list[tuple[int, int]]:
     return spans
 
 
+_EQUATION_RE = re.compile(r"(-?\d+)\s*([+*-])\s*\(?(-?\d+)\)?\s*=\s*(-?\d+)")
+
+
+def step_labels(completion: str, answer: str) -> list[tuple[tuple[int, int], float]]:
+    """The verifier's verdict on each step of a completion (:func:`split_steps`): (span, 1.0 or 0.0).
+
+    A reasoning step is right when every equation in it (``a op b = c``, ``op`` one of + - *)
+    holds and no earlier step was wrong (a step built on a wrong value is wrong too); a step
+    without an equation inherits the verdict so far. The answer step (the last one, when the
+    completion has an ``<answer>`` tag) is right when the final answer is (:func:`is_correct`).
+    """
+    spans = split_steps(completion)
+    labels: list[tuple[tuple[int, int], float]] = []
+    ok = True
+    for k, (a, b) in enumerate(spans):
+        text = completion[a:b]
+        if k == len(spans) - 1 and "<answer>" in text:
+            labels.append(((a, b), 1.0 if is_correct(completion, answer) else 0.0))
+            break
+        for x, op, y, z in _EQUATION_RE.findall(text):
+            x, y, z = int(x), int(y), int(z)
+            ok = ok and z == (x + y if op == "+" else x - y if op == "-" else x * y)
+        labels.append(((a, b), 1.0 if ok else 0.0))
+    return labels
+
+
 # =========================================================================== the weighted reward
 def rewards_for(cfg: Config, completions: list[str], answers: list[str],
                 rm_scores: np.ndarray | None = None) -> pd.DataFrame:
@@ -211,6 +239,7 @@ def rewards_for(cfg: Config, completions: list[str], answers: list[str],
     (`reward`) per completion; `rm_scores`: the reward model's raw scores r_φ (none: 0). Raises
     naming the first row if any reward is NaN/inf."""
     w = cfg.reward
+    rm_w, correct_w, format_w = w.weights()
     parts = pd.DataFrame({
         "reward_correct": [correctness_reward(c, a) for c, a in zip(completions, answers)],
         "reward_format": [format_reward(c) for c in completions],
@@ -219,8 +248,7 @@ def rewards_for(cfg: Config, completions: list[str], answers: list[str],
     if rm_scores is not None:
         scores = np.asarray(rm_scores, dtype=np.float64)
         parts["reward_rm"] = 0.5 * (1 + np.tanh(scores / 2)) if w.rm_squash else scores  # s = σ (stable) or identity
-    parts["reward"] = (w.rm_weight * parts.reward_rm + w.correctness_weight * parts.reward_correct
-                       + w.format_weight * parts.reward_format)
+    parts["reward"] = rm_w * parts.reward_rm + correct_w * parts.reward_correct + format_w * parts.reward_format
     bad = np.flatnonzero(~np.isfinite(parts.reward.to_numpy()))
     if len(bad):
         raise ValueError(f"reward is NaN/inf for {len(bad)} completion(s), first at row {bad[0]} "

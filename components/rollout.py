@@ -17,12 +17,12 @@ from components.artifacts import write_rollouts
 from components.config import Config
 from components.generation import make_backend
 from components.sampling import Sampling, group_temperatures
-from components.grpo import group_advantages, zero_variance_fraction
+from components.grpo import group_advantages, process_advantages, zero_variance_fraction
 from components.io import distinct_outputs, read_parquet
 from components.modeling import chat_prompt, load_reward_model
-from components.reward_model import score
+from components.reward_model import ranking_agreement, score
 from components.stage_cli import stage_main
-from components.rewards import rewards_for
+from components.rewards import rewards_for, step_labels
 from components.seeds import TORCH_BITS, derived_seed
 from components.timing import PhaseClock
 
@@ -32,6 +32,35 @@ def select_prompts(prompts: pd.DataFrame, n: int, seed: int, step: int, shard: i
     """The round's batch of prompts (seeded by step), optionally one shard of it."""
     batch = prompts.sample(n=min(n, len(prompts)), random_state=derived_seed(seed * 100_003 + step))
     return batch.iloc[shard::shards]
+
+
+def step_rewards(tok, completion: str, ids: list[int], answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verifier's step rewards of one completion (`rewards.step_labels`) and the index of the token
+    that ends each step (steps ending in the same token are one step, with the worse verdict)."""
+    reached = [len(tok.decode(ids[:k + 1], skip_special_tokens=True)) for k in range(len(ids))]
+    ends: list[int] = []
+    rewards: list[float] = []
+    for (_, end), label in step_labels(completion, answer):
+        k = next((k for k, n in enumerate(reached) if n >= end), len(ids) - 1)
+        if ends and k <= ends[-1]:
+            rewards[-1] = min(rewards[-1], label)
+            continue
+        ends.append(k)
+        rewards.append(label)
+    return torch.tensor(rewards, dtype=torch.float64), torch.tensor(ends, dtype=torch.long)
+
+
+def process_token_advantages(tok, out: pd.DataFrame, group_size: int, eps: float) -> tuple[list[list[float]], float]:
+    """Per-token advantages of every completion (`grpo.process_advantages`, group by group), and the
+    fraction of steps the verifier judged right."""
+    steps = [step_rewards(tok, c, list(ids), a) for c, ids, a in zip(out.completion, out.completion_ids, out.answer)]
+    token_adv: list[list[float]] = []
+    for g in range(0, len(steps), group_size):
+        group = steps[g:g + group_size]
+        lengths = [len(ids) for ids in out.completion_ids[g:g + group_size]]
+        token_adv += [a.tolist() for a in process_advantages([r for r, _ in group], [e for _, e in group], lengths, eps)]
+    labels = torch.cat([r for r, _ in steps])
+    return token_adv, float(labels.mean()) if labels.numel() else float("nan")
 
 
 def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollouts: str,
@@ -64,7 +93,8 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         raise ValueError(f"{empty} of {len(gens)} completions are empty (no token generated); "
                          "check rollout.max_new_tokens and the tokenizer's EOS")
     rm_scores = None
-    if cfg.reward.rm_weight and reward_model:
+    # the RM scores the round whenever it counts in the reward, and beside the verifier (the monitor)
+    if reward_model and (cfg.reward.weights()[0] or cfg.reward.kind == "verifier"):
         clock.lap("score")
         rm, rm_tok = load_reward_model(reward_model, cfg.model)
         clock.lap("io")
@@ -83,8 +113,12 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         "group": [shard * 1_000_000 + g.prompt_index for g in gens],
         **{c: parts[c] for c in ["reward", "reward_rm", "reward_correct", "reward_format"]},
         "correct": parts.reward_correct > 0.5, "advantage": advantages.numpy(),
-        "policy_version": policy_version, "step": step,
+        "token_advantages": [[] for _ in gens], "policy_version": policy_version, "step": step,
     })
+    step_accuracy = None
+    if cfg.grpo.supervision == "process":
+        out["token_advantages"], step_accuracy = process_token_advantages(tok, out, rc.group_size, a.eps)
+        out["advantage"] = [sum(t) / len(t) for t in out.token_advantages]
     write_rollouts(out, rollouts)
     clock.lap("io")
     n_tokens = int(sum(len(g.token_ids) for g in gens))
@@ -97,6 +131,11 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         "rollout/truncated_fraction": float((out.finish_reason == "length").mean()),
         **clock.metrics(),
     }
+    if step_accuracy is not None:
+        metrics["rollout/step_accuracy"] = step_accuracy
+    if rm_scores is not None:  # does the reward model still rank the way the verifier does on this round?
+        metrics["rollout/rm_agreement"], metrics["rollout/rm_agreement_pairs"] = ranking_agreement(
+            rm_scores, out.correct, out.group)
     tracking.log_metrics(metrics, step=step)
     tracking.log_samples(out[SAMPLE_COLUMNS].head(SAMPLE_GROUPS * rc.group_size), f"samples/round_{step:03d}.json")
     print(f"[rollout] step {step}: {len(batch)} prompts × {rc.group_size} → accuracy "

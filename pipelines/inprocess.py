@@ -48,11 +48,15 @@ TASKS: dict[str, Callable[..., dict]] = {
 
 
 def run_in_process(cfg: Config, workdir: Path, tracking_uri: str | None = None,
-                   on_task: Callable[[Task, dict, float], None] | None = None) -> dict:
+                   on_task: Callable[[Task, dict, float], None] | None = None,
+                   reuse: tuple[Path, dict[str, dict]] | None = None) -> dict:
     """Run every task of the plan for `cfg`; returns {"results": {task: metrics}, "seconds": ...}.
 
     Tracking: `tracking_uri`, else the config's / $MLFLOW_TRACKING_URI, else an embedded store in
-    `workdir`. `on_task(task, metrics, seconds)` is called after each task.
+    `workdir`. `on_task(task, metrics, seconds)` is called after each task. `reuse`: (the workdir of
+    an earlier run, {task name: its metrics}): those tasks are not run again, their outputs are read
+    from that workdir (the benchmarks: one SFT and reward model for several variants of the loop;
+    the caller vouches that their settings are the same).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -69,11 +73,15 @@ def run_in_process(cfg: Config, workdir: Path, tracking_uri: str | None = None,
 
     results: dict[str, dict] = {}
     for t in tasks:
-        outputs = {o: str(workdir / t.name / o) for o in t.outputs}
-        run = _sharded_rollout if t.stage == "rollout" and cfg.rollout.shards > 1 else TASKS[t.stage]
         began = time.perf_counter()
-        results[t.name] = run(t.name, config, parent, uri, **{k: value(v) for k, v in t.inputs.items()},
-                              **outputs, **t.params)
+        if reuse and t.name in reuse[1]:
+            outputs = {o: str(Path(reuse[0]) / t.name / o) for o in t.outputs}
+            results[t.name] = dict(reuse[1][t.name])
+        else:
+            outputs = {o: str(workdir / t.name / o) for o in t.outputs}
+            run = _sharded_rollout if t.stage == "rollout" and cfg.rollout.shards > 1 else TASKS[t.stage]
+            results[t.name] = run(t.name, config, parent, uri, **{k: value(v) for k, v in t.inputs.items()},
+                                  **outputs, **t.params)
         values.update({Ref(t.name, o): path for o, path in outputs.items()})
         values.update({Ref(t.name, o): results[t.name][metric]
                        for (stage, o), metric in VALUE_METRICS.items() if stage == t.stage})

@@ -391,6 +391,7 @@ def format_summary(s: dict, cfg: Config) -> str:
         f"  promotion: {cfg.promote.model_prefix}-policy v{s['policy_version']} "
         f"{'is the new champion' if s['promoted'] else 'was not promoted'} ({s['reason']})"
         + ("" if champion is None else f"; previous champion v{s['champion_version']}: {champion:.3f}"),
+        *([f"  monitor: {s['reward_hacking_reason']}"] if s.get("reward_hacking") else []),
         f"  MLflow store: {s['tracking_uri']}",
         f"  local artifacts: {s['workdir']}",
         f"  browse: {ui}",
