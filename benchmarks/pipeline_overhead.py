@@ -211,8 +211,9 @@ def main() -> None:
         over = _deep_merge(over, extra)
     cfg = load_config(None, over)
     workdir = Path(a.workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
-    trace = workdir / "trace"
+    trace = workdir.with_name(workdir.name + "-trace")  # beside the run's work directory, which kfp-grpo claims
+    for d in (workdir, trace):
+        shutil.rmtree(d, ignore_errors=True)
     trace.mkdir(parents=True)
     os.environ.update(env_for_trace(trace))
     load0 = loadavg()

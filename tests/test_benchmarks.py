@@ -136,3 +136,19 @@ def test_pipeline_trace_times_a_task(tmp_path, cfg):
     seen = {(s.get("cat"), s.get("name")) for s in spans}
     assert {("task", "run_task"), ("stage", "prepare_data"), ("data_io", "write_parquet")} <= seen, seen
     assert any(s["ev"] == "start" for s in spans)
+
+
+def test_pipeline_overhead_smoke(tmp_path):
+    """`benchmarks.pipeline_overhead --smoke` (what `benchmarks.run` runs for its overhead table): a real
+    `kfp-grpo run` of the smoke config, traced; the breakdown covers the run and names every task."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "pipeline.json"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.pipeline_overhead", "--smoke", "--workdir",
+                          str(tmp_path / "work"), "--out", str(out)], cwd=ROOT.parent, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert 0 < data["stage_compute"] < data["total_wall"] and 0 < data["overhead_fraction"] < 1
+    assert {"start-tracking", "sft", "promote"} <= {t["task"] for t in data["tasks"]}, data["tasks"]
