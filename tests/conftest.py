@@ -149,3 +149,26 @@ def round1(scale_work, scale_rollouts, untrained_policy) -> Path:
     out = scale_work / "round1"
     grpo_update.run(update_cfg(), [str(scale_rollouts[1.0])], str(untrained_policy), None, str(out))
     return out
+
+
+# --------------------------------------------------------------------------- the default, end to end
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """`kfp-grpo run --workdir <tmp> --output json` on the embedded default, once per session (the
+    learning test and the local-pipeline tests read the same run): (workdir, summary); the terminal
+    output is in <workdir>/stdout.txt."""
+    import contextlib
+    import io
+
+    from pipelines import cli
+
+    workdir = tmp_path_factory.mktemp("run")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli.main(["run", "--workdir", str(workdir), "--output", "json"])
+    text = buf.getvalue()
+    assert code == 0, text[-3000:]
+    (workdir / "stdout.txt").write_text(text)
+    summary = json.loads(text[text.rindex("\n{") + 1:] if "\n{" in text else text[text.index("{"):])
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    return workdir, summary

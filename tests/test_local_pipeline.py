@@ -6,7 +6,6 @@ subprocesses (SubprocessRunner), tracked in a real MLflow SQLite store.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,27 +14,14 @@ import pytest
 
 from components import tracking
 from components.config import load_config
-from pipelines import cli
 from pipelines.plan import algorithm1
 from tests.test_learning import MARGIN as LEARNING_MARGIN
 
 
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    out = workdir / "summary.json"
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = cli.main(["run", "--workdir", str(workdir), "--output", "json"])
-    text = buf.getvalue()
-    assert code == 0, text[-3000:]
-    (workdir / "stdout.txt").write_text(text)
-    summary = json.loads(text[text.rindex("\n{") + 1:] if "\n{" in text else text[text.index("{"):])
-    out.write_text(json.dumps(summary))
-    return workdir, summary
+@pytest.fixture
+def local_run(default_run):
+    """The default `kfp-grpo run` (conftest.py: one per test session, shared with test_learning.py)."""
+    return default_run
 
 
 def test_local_run_promotes_a_champion_better_than_sft(local_run):
