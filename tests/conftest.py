@@ -37,6 +37,17 @@ def send_json(handler, status: int, payload) -> None:
     handler.wfile.write(data)
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a `kfp-grpo` / stage subprocess in a test: this checkout first on the path,
+    offline, quiet, no tracking URI inherited from the test process; `extra` on top."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(root)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
 def fast_config(**overrides) -> Config:
     """A small valid config: every stage runs in seconds (learning is not the point)."""
     from components.config import _deep_merge

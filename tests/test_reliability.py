@@ -36,6 +36,7 @@ from components.config import TinyModelConfig, parse_config
 from components.io import atomic_path, write_parquet
 from components.stage_cli import quiet_hf
 from tests.conftest import FAST
+from tests.conftest import subprocess_env as _env
 
 quiet_hf()  # no HF loading bars between the test's own lines
 
@@ -46,14 +47,6 @@ REDUCED = ["sft.steps=20", "reward_model.steps=5", "replay.steps=5", "loop.itera
            "loop.steps_per_iteration=1", "data.num_train=200", "data.num_test=40", "rollout.prompts_per_step=8"]
 SECRETS = {"MLFLOW_TRACKING_PASSWORD": "planted-Pw-4c1d9e7f", "AWS_SECRET_ACCESS_KEY": "planted-AWS-93be0a51",
            "MLFLOW_TRACKING_TOKEN": "planted-Tok-77d0c2aa"}
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(extra)
-    return env
 
 
 # =========================================================================== SIGKILL during saves

@@ -23,6 +23,7 @@ import pytest
 
 from components.config import load_config
 from pipelines import local as local_run
+from tests.conftest import subprocess_env as _env
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["sft.steps=20", "reward_model.steps=5", "replay.steps=5", "rollout.prompts_per_step=8",
@@ -30,14 +31,6 @@ SMALL = ["sft.steps=20", "reward_model.steps=5", "replay.steps=5", "rollout.prom
 TIMING = re.compile(r"seconds|per_s")  # metrics that measure time, not results
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="warm task processes need fork()")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(extra)
-    return env
 
 
 def _small_config(**extra):
