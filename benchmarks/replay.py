@@ -92,23 +92,30 @@ def per_iteration(results: dict[str, dict], cfg) -> list[dict[str, float]]:
     return rows
 
 
-def run_seed(overrides: dict[str, Any], seed: int, work: Path, only: list[str]) -> dict[str, Any]:
+def run_variant(cfg: Any, workdir: Path, shared: tuple[Path, dict[str, dict]] | None,
+                label: str) -> tuple[dict[str, Any], float, tuple[Path, dict[str, dict]]]:
+    """One variant's run in process in a fresh `workdir`, reusing the SFT model and initial RM of the
+    seed's first variant (`shared`); returns its result, its wall seconds and what later variants reuse."""
     from pipelines.inprocess import run_in_process
 
+    print(f"[replay] {label} ...", flush=True)
+    began = time.perf_counter()
+    res = run_in_process(cfg, fresh_dir(workdir), reuse=shared)
+    wall = time.perf_counter() - began
+    if shared is None:
+        shared = (workdir, {t: res["results"][t] for t in SHARED})
+    return res, wall, shared
+
+
+def run_seed(overrides: dict[str, Any], seed: int, work: Path, only: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     shared: tuple[Path, dict[str, dict]] | None = None
     for name in VARIANTS:
         if name not in only and name != "replay":
             continue
         cfg = variant_config(overrides, name, seed)
-        wd = fresh_dir(work / f"seed{seed}-{name}")
-        print(f"[replay] seed {seed}: {LABELS[name]} ...", flush=True)
-        began = time.perf_counter()
-        res = run_in_process(cfg, wd, reuse=shared)
-        wall = time.perf_counter() - began
+        res, wall, shared = run_variant(cfg, work / f"seed{seed}-{name}", shared, f"seed {seed}: {LABELS[name]}")
         r = res["results"]
-        if shared is None:
-            shared = (wd, {t: r[t] for t in SHARED})
         out[name] = {"sft": r["evaluate-sft"]["eval/accuracy"], "rm_initial": r["reward-model"],
                      "iterations": per_iteration(r, cfg), "wall_s": wall, "run_id": res["parent_run_id"],
                      "reward_hacking": r["promote"]["reward_hacking"],
@@ -122,20 +129,14 @@ def run_seed(overrides: dict[str, Any], seed: int, work: Path, only: list[str]) 
 
 def run_supervision(overrides: dict[str, Any], seed: int, work: Path) -> dict[str, Any]:
     from components.config import _deep_merge, load_config
-    from pipelines.inprocess import run_in_process
 
     out: dict[str, Any] = {}
     shared: tuple[Path, dict[str, dict]] | None = None
     for name, variant in SUPERVISION.items():
         cfg = load_config(MULTISTEP, _deep_merge(_deep_merge(overrides, variant), {"seed": seed}))
-        wd = fresh_dir(work / f"seed{seed}-supervision-{name}")
-        print(f"[replay] seed {seed}: {name} supervision on the multi-step task ...", flush=True)
-        began = time.perf_counter()
-        res = run_in_process(cfg, wd, reuse=shared)
-        wall = time.perf_counter() - began
+        res, wall, shared = run_variant(cfg, work / f"seed{seed}-supervision-{name}", shared,
+                                        f"seed {seed}: {name} supervision on the multi-step task")
         r = res["results"]
-        if shared is None:
-            shared = (wd, {t: r[t] for t in SHARED})
         rows = []
         for i in range(cfg.loop.iterations):
             rounds = [r[f"rollout-i{i}-m{m}"] for m in range(cfg.loop.steps_per_iteration)]
