@@ -267,10 +267,10 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
-def _start_run(workdir: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+def _start_run(workdir: Path, *extra: str, sets: list[str] = SMALL) -> tuple[subprocess.Popen, Path]:
     log = workdir.with_suffix(".log")
     argv = [sys.executable, "-m", "pipelines.cli", "run", "--workdir", str(workdir)]
-    for item in SMALL:
+    for item in sets:
         argv += ["--set", item]
     proc = subprocess.Popen([*argv, *extra], cwd=ROOT, env=_env(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -294,7 +294,8 @@ def test_ctrl_c_stops_a_warm_run_without_leftovers_and_it_resumes(tmp_path):
     """SIGINT to the run's process group (Ctrl-C) while sft runs: the run fails as 'interrupted',
     no process of it is left, and `--resume` completes it without rerunning finished tasks."""
     workdir = tmp_path / "run"
-    proc, log = _start_run(workdir)
+    sets = [item for item in SMALL if not item.startswith("sft.steps=")] + ["sft.steps=400"]  # still running at ^C
+    proc, log = _start_run(workdir, sets=sets)
     procs = _wait_for_task(proc, workdir, "sft", log)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=60) == 1
@@ -304,7 +305,7 @@ def test_ctrl_c_stops_a_warm_run_without_leftovers_and_it_resumes(tmp_path):
     assert not _alive(procs), f"left running: {_alive(procs)}"
     parent = re.search(r"--resume ([0-9a-f]{32})", text).group(1)
     resumed = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--workdir", str(workdir),
-                              *[a for item in SMALL for a in ("--set", item)], "--resume", parent],
+                              *[a for item in sets for a in ("--set", item)], "--resume", parent],
                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     newest = sorted((workdir / "logs").iterdir())[-1]  # the resumed run's task logs
