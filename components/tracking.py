@@ -17,6 +17,8 @@ from components.redaction import scrub
 if TYPE_CHECKING:
     import pandas as pd
 
+    from components.config import Config
+
 
 def active() -> bool:
     return mlflow.active_run() is not None
@@ -143,6 +145,14 @@ def check_reachable(uri: str) -> None:
 
 # --------------------------------------------------------------------------- registry
 CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def champion_uris(cfg: "Config") -> dict[str, str]:
+    """The pipeline arguments that start a run from this config's registered champions
+    (`--from-champion`, scheduled runs); a run may pass them before any champion exists."""
+    prefix = cfg.promote.model_prefix
+    return {"init_policy_uri": f"models:/{prefix}-policy@{CHAMPION}",
+            "init_reward_uri": f"models:/{prefix}-reward@{CHAMPION}"}
 ACCURACY_TAG = "heldout_accuracy"
 
 

@@ -11,17 +11,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from components.config import Config
+from components.tracking import champion_uris
 from components.redaction import refuse_credentials
 
 
 POLL_S = 10  # `submit --wait`: seconds between two looks at the run's state
-
-
-def champion_uris(cfg: Config) -> dict[str, str]:
-    """Pipeline arguments that start from the registered champions (if any exist at run time)."""
-    prefix = cfg.promote.model_prefix
-    return {"init_policy_uri": f"models:/{prefix}-policy@champion",
-            "init_reward_uri": f"models:/{prefix}-reward@champion"}
 
 
 def _client(host: str | None, token: str | None, namespace: str | None):

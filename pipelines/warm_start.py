@@ -42,10 +42,8 @@ def resolve_model(uri: str, dst: str, tracking_uri: str, cfg_tracking_uri: str |
 
 
 def _champions(cfg: Config) -> tuple[str, ...]:
-    """This config's champion URIs (`pipelines.client.champion_uris`): the ones that may not exist yet."""
-    from components.promote import names
-
-    return tuple(f"models:/{name}@{tracking.CHAMPION}" for name in names(cfg))
+    """This config's champion URIs (what `--from-champion` passes): the ones that may not exist yet."""
+    return tuple(tracking.champion_uris(cfg).values())
 
 
 def sft_task(name: str, config_json: str, parent_run_id: str, tracking_uri: str, metrics_artifact: Any,

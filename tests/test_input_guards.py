@@ -172,11 +172,10 @@ def test_a_credential_anywhere_in_the_config_is_refused_without_printing_it(key,
     assert not (tmp_path / "p.yaml").exists()
 
 
-@pytest.mark.parametrize("command", ["submit", "schedule"])
-@pytest.mark.parametrize("flag", ["--tracking-uri", "--init-policy-uri"])
+@pytest.mark.parametrize(("command", "flag"), [("submit", "--tracking-uri"), ("submit", "--init-policy-uri"),
+                                               ("submit", "--init-reward-uri"),
+                                               ("schedule", "--tracking-uri")])  # schedule has no --init-* options
 def test_submit_and_schedule_refuse_a_credential_in_a_run_parameter_before_any_request(command, flag, capsys):
-    if command == "schedule" and flag != "--tracking-uri":
-        pytest.skip("schedule has no --init-* options")
     # a closed port: were anything sent, the error would be "cannot reach the KFP API"
     code = cli.main([command, "--host", "http://127.0.0.1:9", flag, f"http://u:{SECRET}@mlflow:5000"])
     err = capsys.readouterr().err
