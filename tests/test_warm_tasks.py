@@ -272,8 +272,11 @@ def _start_run(workdir: Path, *extra: str, sets: list[str] = SMALL) -> tuple[sub
     argv = [sys.executable, "-m", "pipelines.cli", "run", "--workdir", str(workdir)]
     for item in sets:
         argv += ["--set", item]
+    # as a run started from a terminal: a test run started in the background (`cmd &`, nohup) inherits
+    # an ignored SIGINT, which Python then keeps ignoring, and Ctrl-C would never reach the run
     proc = subprocess.Popen([*argv, *extra], cwd=ROOT, env=_env(), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, log
 
 
