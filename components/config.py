@@ -295,6 +295,10 @@ class PromoteConfig(_Strict):
 class LoopConfig(_Strict):
     iterations: int = Field(2, ge=1, le=50, description="I: outer iterations")
     steps_per_iteration: int = Field(3, ge=1, le=50, description="M: rollout→update rounds per iteration")
+    warm_engine: bool = Field(
+        False, description="one task per iteration runs its M rounds with the policy, its optimizer and the "
+                           "sampler kept in memory (the same stage code and per-round MLflow runs); false: "
+                           "one task per rollout and per update, the policy saved and reloaded between them")
 
 
 # the tracking stores an MLflow client can open (a bare path would be the deprecated file store)
@@ -452,6 +456,17 @@ class Config(_Strict):
     def to_json(self) -> str:
         """Canonical JSON (what the pipeline passes to every component)."""
         return self.model_dump_json()
+
+    @model_validator(mode="after")
+    def _warm_engine(self) -> "Config":
+        if self.loop.warm_engine:
+            clashes = [f"{key} is {value}" for key, value in (("rollout.shards", self.rollout.shards),
+                       ("grpo.nproc_per_node", self.grpo.nproc_per_node), ("grpo.nodes", self.grpo.nodes))
+                       if value != 1]
+            if clashes:  # reported at the root, naming both keys
+                raise ValueError(f"loop.warm_engine runs an iteration's rounds in one process, so it needs "
+                                 f"rollout.shards, grpo.nproc_per_node and grpo.nodes at 1 ({', '.join(clashes)})")
+        return self
 
     def hash(self) -> str:
         """Short content hash of the config (tags registered models)."""

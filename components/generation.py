@@ -37,6 +37,12 @@ class HFBackend:
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         self.stats = GenerationStats()
 
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Sample from `model`'s current weights from now on: nothing to do when this backend samples with
+        `model` itself (an iteration's rounds in memory), else a copy (cast to this backend's dtype)."""
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())
+
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: Sampling) -> list[Generation]:
         """Sample `sampling.n` completions per prompt (seeded by `sampling.seed`)."""

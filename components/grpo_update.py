@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -158,12 +160,22 @@ def check_token_ids(rows, vocab_size: int, where: str) -> None:
                              f"policy's vocabulary (0..{vocab_size - 1}); was the table sampled from another model?")
 
 
-def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | None,
-           out_dir: str, step: int = 0) -> dict:
-    """The update in this process: alone (``ctx.world == 1``) or as one FSDP rank of ``ctx.world``."""
+@dataclass
+class Trainer:
+    """The policy being trained: model, tokenizer, AdamW (its state continues across rounds), and what the
+    sharded save needs (the model's class, its parameter names before sharding)."""
+
+    model: torch.nn.Module
+    tok: Any
+    opt: torch.optim.Optimizer
+    model_cls: type
+    names: list[str]
+
+
+def load_trainer(ctx: Context, cfg: Config, policy_dir: str) -> Trainer:
+    """The policy in `policy_dir` ready to train: on this process's device (sharded over FSDP ranks), with
+    the optimizer state saved beside it (if any) and the config's hyper-parameters."""
     g = cfg.grpo
-    clock = PhaseClock("update")  # phases: io (Parquet, model/optimizer load and save), logprobs (no-grad), train
-    rows = read_rollouts(rollout_paths)
     model, tok = load_policy(policy_dir, cfg.model)  # whole on this process's device, then sharded
     model_cls, names = type(model), distributed.param_names(model)
     if g.gradient_checkpointing:
@@ -172,26 +184,64 @@ def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str,
         distributed.shard_model(model, ctx, g.bf16)
     opt = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
     opt_file = Path(policy_dir) / OPTIMIZER_FILE
-    check_token_ids(rows, model.get_input_embeddings().num_embeddings, ", ".join(rollout_paths))
     if opt_file.exists():
         distributed.load_optimizer_state(model, opt, load_optimizer_file(opt_file), names, ctx)
         for group in opt.param_groups:  # the config, not the checkpoint, owns the hyper-parameters
             group.update(lr=g.lr, weight_decay=g.weight_decay)
+    return Trainer(model, tok, opt, model_cls, names)
+
+
+def load_reference(ctx: Context, cfg: Config, ref_dir: str) -> torch.nn.Module:
+    """π_ref from its directory (sharded like the policy over FSDP ranks); it is never trained."""
+    ref_model = load_policy(ref_dir, cfg.model)[0]
+    if ctx.sharded:
+        distributed.shard_model(ref_model, ctx, cfg.grpo.bf16)
+    return ref_model
+
+
+def save_trainer(ctx: Context, trainer: Trainer, out_dir: str) -> None:
+    """The policy and its optimizer state as a model directory (`optimizer.pt` beside the weights)."""
+    if ctx.sharded:
+        distributed.save_sharded(trainer.model, trainer.model_cls, trainer.opt, trainer.tok, out_dir, trainer.names,
+                                 ctx)
+    else:
+        save_model(trainer.model, trainer.tok, out_dir, extra={OPTIMIZER_FILE: trainer.opt.state_dict()})
+
+
+def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str, ref_dir: str | None,
+           out_dir: str, step: int = 0) -> dict:
+    """The update in this process: alone (``ctx.world == 1``) or as one FSDP rank of ``ctx.world``."""
+    clock = PhaseClock("update")  # phases: io (Parquet, model/optimizer load and save), logprobs (no-grad), train
+    rows = read_rollouts(rollout_paths)
+    trainer = load_trainer(ctx, cfg, policy_dir)
+    # π_ref = π_old when the reference is the policy being updated (the first round of an iteration)
+    separate = cfg.grpo.beta > 0 and ref_dir and ref_dir != policy_dir
+    reference = load_reference(ctx, cfg, ref_dir) if separate else None
     clock.lap("io")
+    metrics = train_round(ctx, cfg, trainer, rows, ", ".join(rollout_paths), reference, step, clock)
+    save_trainer(ctx, trainer, out_dir)
+    clock.lap("io")
+    tracking.log_metrics(clock.metrics(), step=step)
+    return {**metrics, **clock.metrics()}
+
+
+def train_round(ctx: Context, cfg: Config, trainer: Trainer, rows: pd.DataFrame, where: str,
+                reference: torch.nn.Module | None, step: int, clock: PhaseClock) -> dict:
+    """μ epochs of the clipped objective over `rows` (one round's rollouts, read from `where`) on
+    `trainer`'s policy, in place.
+
+    π_old: the sampler's log-probs or one no-grad pass (`_old_logprobs`); π_ref: `reference`'s
+    log-probs, or π_old's when `reference` is None (the policy is the reference). Returns the round's
+    metrics; raises before the optimizer steps that would take a NaN/inf, or past a divergence limit.
+    """
+    g = cfg.grpo
+    model, tok, opt = trainer.model, trainer.tok, trainer.opt
+    check_token_ids(rows, model.get_input_embeddings().num_embeddings, where)
     mb = g.minibatch_size
     old = _old_logprobs(cfg, model, tok, rows, mb, ctx)
-    clock.lap("logprobs")
     ref = None
     if g.beta > 0:
-        if not ref_dir or ref_dir == policy_dir:
-            ref = old
-        else:
-            ref_model = load_policy(ref_dir, cfg.model)[0]
-            clock.lap("io")
-            if ctx.sharded:
-                distributed.shard_model(ref_model, ctx, g.bf16)
-            ref = _logprobs(ref_model, tok, rows, mb, ctx)
-            del ref_model
+        ref = old if reference is None else _logprobs(reference, tok, rows, mb, ctx)
     clock.lap("logprobs")
     use_is = g.importance_sampling_cap is not None
     lengths = [len(x) for x in rows.completion_ids]
@@ -253,13 +303,7 @@ def update(ctx: Context, cfg: Config, rollout_paths: list[str], policy_dir: str,
         print(f"[grpo_update] step {step}: {opt_step} optimizer steps{ranks}, loss "
               f"{metrics['update/loss']:.4f}, KL {metrics['update/kl']:.4f}, clip "
               f"{metrics['update/clip_fraction']:.3f}, {metrics['update/tokens_per_s']:.0f} tok/s", flush=True)
-    if ctx.sharded:
-        distributed.save_sharded(model, model_cls, opt, tok, out_dir, names, ctx)
-    else:
-        save_model(model, tok, out_dir, extra={OPTIMIZER_FILE: opt.state_dict()})
-    clock.lap("io")
-    tracking.log_metrics(clock.metrics(), step=step)
-    return {**metrics, **clock.metrics()}
+    return metrics
 
 
 def summarize_round(cfg: Config, rows: pd.DataFrame, history: list[dict[str, float]], n_tokens: int,

@@ -8,6 +8,7 @@ version, finish reason.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -16,7 +17,7 @@ from components import tracking
 from components.artifacts import write_rollouts
 from components.config import Config
 from components.generation import make_backend
-from components.sampling import Sampling, group_temperatures
+from components.sampling import Backend, Sampling, group_temperatures
 from components.grpo import group_advantages, process_advantages, zero_variance_fraction
 from components.io import distinct_outputs, read_parquet
 from components.modeling import chat_prompt, load_reward_model
@@ -67,6 +68,14 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         step: int = 0, policy_version: str = "0", shard: int = 0) -> dict:
     """Sample G completions per prompt from the model directory `policy`, score them (with the
     reward model directory `reward_model`, if any) and write the round (or one shard of it) to `rollouts`."""
+    return sample(cfg, lambda: make_backend(cfg.rollout.backend, policy, cfg.model, cfg.rollout), prompts,
+                  reward_model, rollouts, step, policy_version, shard)
+
+
+def sample(cfg: Config, backend: Callable[[], Backend], prompts: str, reward_model: str | None, rollouts: str,
+           step: int = 0, policy_version: str = "0", shard: int = 0) -> dict:
+    """`run` with the sampler that `backend()` returns (called once the prompts are read): a policy
+    loaded from its directory, or the one an iteration's rounds keep in memory (`pipelines.rounds`)."""
     distinct_outputs(rollouts=rollouts)
     rc = cfg.rollout
     clock = PhaseClock("rollout")  # phases: io (prompts, model load, Parquet), generate, score
@@ -74,7 +83,7 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
                            cfg.seed, step, shard, rc.shards)
     if batch.empty:
         raise ValueError(f"no prompts for rollout shard {shard} of {rc.shards} ({prompts})")
-    backend = make_backend(rc.backend, policy, cfg.model, rc)
+    backend = backend()
     clock.lap("io")
     tok = backend.tok
     texts = [chat_prompt(tok, p, cfg.data.system_prompt) for p in batch.prompt]

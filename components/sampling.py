@@ -4,7 +4,7 @@ the HF (`components.generation`) and vLLM (`components.vllm_backend`) samplers."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass
@@ -39,6 +39,8 @@ class GenerationStats:
 
 class Backend(Protocol):
     def generate(self, prompts: list[str], sampling: Sampling) -> list[Generation]: ...
+
+    def load_weights(self, model: Any) -> None: ...
 
 
 def group_temperatures(n: int, temperature: float, temperature_range: tuple[float, float] | None) -> list[float]:

@@ -165,6 +165,20 @@ class VLLMBackend:
         self.stats = GenerationStats()
         self.llm = vllm.LLM(**engine_kwargs(policy_dir, cfg, seed, trust))
 
+    def load_weights(self, model: Any) -> None:
+        """Push `model`'s current weights into the running engine (no restart, no CUDA-graph capture) and
+        drop its prefix cache, which holds keys/values of the old weights.
+
+        Uses `LLM.apply_model` (vLLM ≥ 0.9; with the V1 engine in its own process vLLM needs
+        VLLM_ALLOW_INSECURE_SERIALIZATION=1 to ship the function). Not yet run on a GPU by this project.
+        """
+        if not hasattr(self.llm, "apply_model"):
+            raise VLLMUnavailableError("loop.warm_engine with rollout.backend vllm needs vLLM >= 0.9 "
+                                       "(LLM.apply_model); set loop.warm_engine: false")
+        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        self.llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
+        self.llm.reset_prefix_cache()
+
     def prompt_ids(self, prompts: Iterable[str]) -> list[list[int]]:
         """Token ids of the templated prompts, without adding special tokens (the template has the BOS)."""
         return [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]

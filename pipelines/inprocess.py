@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from components import evaluate, grpo_update, prepare_data, rm_replay, rollout
 from components.config import Config
-from pipelines import parent_run, runtime, warm_start
+from pipelines import parent_run, rounds, runtime, warm_start
 from pipelines.local import prepare_tracking
 from pipelines.plan import VALUE_METRICS, Ref, Task, algorithm1, producers
 
@@ -42,6 +42,7 @@ TASKS: dict[str, Callable[..., dict]] = {
     "evaluate": _stage(evaluate.run),
     "rollout": _stage(rollout.run),
     "grpo_update": _stage(grpo_update.run),
+    "grpo_rounds": lambda name, config, parent, uri, **kw: rounds.rounds_task(name, config, parent, uri, None, **kw),
     "rm_replay": _stage(rm_replay.run),
     "promote": lambda name, config, parent, uri, **kw: parent_run.promote_task(name, config, parent, uri, None, **kw),
 }

@@ -117,6 +117,20 @@ def grpo_update(config: str, parent_run_id: str, tracking_uri: str, name: str, s
     exit_fast_on_success()
 
 
+def grpo_rounds(config: str, parent_run_id: str, tracking_uri: str, name: str, iteration: int, first_step: int,
+                prompts: Input[Dataset], policy: Input[Model], reward_model: Input[Model], reference: Input[Model],
+                rollouts: Output[Dataset], new_policy: Output[Model], metrics: Output[Metrics]):
+    """An iteration's M rounds (rollout → update) in this pod, the policy and the sampler in memory
+    (`loop.warm_engine`); `rollouts`: every round's, for rm-replay."""
+    from pipelines.rounds import rounds_task
+    from pipelines.runtime import exit_fast_on_success
+
+    rounds_task(name, config, parent_run_id, tracking_uri, metrics, prompts=prompts.path, policy=policy.path,
+                reward_model=reward_model.path, reference=reference.path, rollouts=rollouts.path,
+                new_policy=new_policy.path, iteration=iteration, first_step=first_step)
+    exit_fast_on_success()
+
+
 def rm_replay(config: str, parent_run_id: str, tracking_uri: str, name: str, iteration: int,
               rollouts: Input[Dataset], reward_model: Input[Model], history: Input[Dataset],
               new_reward_model: Output[Model], buffer: Output[Dataset], metrics: Output[Metrics]):
@@ -150,11 +164,14 @@ _STAGE_OF = {"start_tracking": "prepare_data", "gather_rollouts": "rollout"}
 
 def make_components(cfg: Config) -> SimpleNamespace:
     """KFP components for every stage, each on the image its placement names."""
+    from pipelines.placement import stage_placed_as
+
     images = cfg.cluster.images
     ops = {}
     for func in (start_tracking, prepare_data, sft, reward_model, evaluate, rollout, gather_rollouts,
-                 grpo_update, rm_replay, promote):
-        stage = _STAGE_OF.get(func.__name__, func.__name__)
+                 grpo_update, grpo_rounds, rm_replay, promote):
+        stage = _STAGE_OF.get(func.__name__) or (stage_placed_as(cfg, "grpo_rounds") if func is grpo_rounds
+                                                 else func.__name__)
         image = getattr(images, cfg.cluster.resources(stage).image)
         ops[func.__name__] = dsl.component(func, base_image=image, install_kfp_package=False)
     return SimpleNamespace(**ops)

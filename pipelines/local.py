@@ -342,7 +342,8 @@ def _run_pipeline(cfg: Config, workdir: Path, logdir: Path, init: dict[str, str]
     pipeline = build_pipeline(cfg, resume_run_id=resume_run_id, caching=True)
     tasks = task_names(pipeline)
     print(f"kfp-grpo: running pipeline '{cfg.name}' locally: {sum(r for *_, r in tasks.values())} tasks "
-          f"({cfg.loop.iterations} iterations × {cfg.loop.steps_per_iteration} rounds); MLflow at "
+          f"({cfg.loop.iterations} iterations × {cfg.loop.steps_per_iteration} rounds"
+          f"{' in memory' if cfg.loop.warm_engine else ''}); MLflow at "
           f"{tracking.redact(uri)}; task logs in {logdir}", flush=True)
     sink = TaskLog(tasks, logdir, sys.stdout, verbose, metrics_file=lambda name: _newest(workdir / "kfp", name))
     start, started_ms = time.perf_counter(), int(time.time() * 1000)

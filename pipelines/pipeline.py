@@ -75,7 +75,8 @@ def _build_pipeline(cfg: Config, resume_run_id: str) -> Callable:
             if t.stage == "rollout" and cfg.rollout.shards > 1:
                 task = sharded_rollout(ops, cfg, t.name, kwargs)
             else:
-                task = place(getattr(ops, t.stage)(name=t.name, **kwargs), cfg, _placement(cfg, t.stage), t.name)
+                task = place(getattr(ops, t.stage)(name=t.name, **kwargs), cfg,
+                             placement.stage_placed_as(cfg, t.stage), t.name)
             if t.stage == "grpo_update" and cfg.grpo.nodes > 1:
                 placement.trainer_job_launcher(task, cfg)
             for name in t.after:
@@ -106,12 +107,6 @@ def with_parameters(body: Callable, settings: dict[str, tuple[type, Any]]) -> Ca
     pipeline.__name__ = pipeline.__qualname__ = "grpo_pipeline"
     pipeline.__doc__ = body.__doc__
     return pipeline
-
-
-def _placement(cfg: Config, stage: str) -> str:
-    """The stage whose placement a task takes: with grpo.nodes > 1 the update task only submits a
-    Trainer job and waits (a light CPU pod, placed like prepare_data, not on a GPU node)."""
-    return "prepare_data" if stage == "grpo_update" and cfg.grpo.nodes > 1 else stage
 
 
 def sharded_rollout(ops, cfg: Config, name: str, kwargs: dict) -> dsl.PipelineTask:

@@ -48,6 +48,18 @@ def place(task: dsl.PipelineTask, cfg: Config, stage: str, name: str, caching: b
     return task
 
 
+def stage_placed_as(cfg: Config, stage: str) -> str:
+    """The stage whose `cluster.stages` entry (resources, image) a task of `stage` takes: with grpo.nodes > 1
+    the update task only submits a Trainer job and waits (a light CPU pod, placed like prepare_data); an
+    iteration's rounds in one task (`loop.warm_engine`) go where the sampler and the trainer both fit: the
+    update's GPU pod, or the rollout's (its image has vLLM) with the vllm backend."""
+    if stage == "grpo_update" and cfg.grpo.nodes > 1:
+        return "prepare_data"
+    if stage == "grpo_rounds":
+        return "rollout" if cfg.rollout.backend == "vllm" else "grpo_update"
+    return stage
+
+
 def trainer_job_launcher(task: dsl.PipelineTask, cfg: Config) -> None:
     """KFP settings of a grpo_update task that only submits a TrainJob (grpo.nodes > 1, see
     `pipelines.trainer_job`): the shared PVC and a timeout longer than the job's."""

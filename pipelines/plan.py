@@ -7,6 +7,7 @@ The one description of the loop. Both runners walk it: the KFP pipeline
 
     prepare-data → sft → evaluate-sft, reward-model
     for i in 0..I-1:      rollout-i{i}-m{m} → grpo-update-i{i}-m{m}   (m = 0..M-1)
+                          (loop.warm_engine: grpo-rounds-i{i}, the M rounds in one task)
                           rm-replay-i{i}  (all M rounds of rollouts + the replay history)
                           evaluate-i{i}
     promote               (after every other task: it closes the run)
@@ -76,19 +77,27 @@ def algorithm1(cfg: Config) -> list[Task]:
     step = 0
     for it in range(cfg.loop.iterations):
         reference = policy if cfg.grpo.reference == "iteration" else sft.ref("model")
-        rounds: list[Ref] = []
-        for m in range(cfg.loop.steps_per_iteration):
-            rollout = add(Task(f"rollout-i{it}-m{m}", "rollout",
-                               {"prompts": train, "policy": policy, "reward_model": rm}, ("rollouts",),
-                               {"step": step, "policy_version": f"{it}.{m}"}))
-            rounds.append(rollout.ref("rollouts"))
-            update = add(Task(f"grpo-update-i{it}-m{m}", "grpo_update",
-                              {"rollouts": rollout.ref("rollouts"), "policy": policy, "reference": reference},
-                              ("new_policy",), {"step": step}))
-            policy, step = update.ref("new_policy"), step + 1
+        if cfg.loop.warm_engine:  # the iteration's M rounds in one task, the policy in memory (pipelines/rounds.py)
+            warm = add(Task(f"grpo-rounds-i{it}", "grpo_rounds",
+                            {"prompts": train, "policy": policy, "reward_model": rm, "reference": reference},
+                            ("rollouts", "new_policy"), {"iteration": it, "first_step": step}))
+            iteration_rollouts: Ref | tuple[Ref, ...] = warm.ref("rollouts")
+            policy, step = warm.ref("new_policy"), step + cfg.loop.steps_per_iteration
+        else:
+            rounds: list[Ref] = []
+            for m in range(cfg.loop.steps_per_iteration):
+                rollout = add(Task(f"rollout-i{it}-m{m}", "rollout",
+                                   {"prompts": train, "policy": policy, "reward_model": rm}, ("rollouts",),
+                                   {"step": step, "policy_version": f"{it}.{m}"}))
+                rounds.append(rollout.ref("rollouts"))
+                update = add(Task(f"grpo-update-i{it}-m{m}", "grpo_update",
+                                  {"rollouts": rollout.ref("rollouts"), "policy": policy, "reference": reference},
+                                  ("new_policy",), {"step": step}))
+                policy, step = update.ref("new_policy"), step + 1
+            iteration_rollouts = tuple(rounds)
         # Algorithm 1: r_φ is retrained on the iteration's samples after its last policy update
         replay = add(Task(f"rm-replay-i{it}", "rm_replay",
-                          {"rollouts": tuple(rounds), "reward_model": rm, "history": history},
+                          {"rollouts": iteration_rollouts, "reward_model": rm, "history": history},
                           ("new_reward_model", "buffer"), {"iteration": it}, after=(tasks[-1].name,)))
         rm, history = replay.ref("new_reward_model"), replay.ref("buffer")
         evaluation = add(Task(f"evaluate-i{it}", "evaluate", {"test": test, "policy": policy}, ("samples",),

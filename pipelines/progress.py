@@ -32,6 +32,7 @@ SHOW = re.compile(r"^\s*\[tracking\] ")  # a task's lines the terminal always ge
 # the metrics a task's line shows, by stage (keys as in its KFP Metrics artifact)
 SHOWN = {"sft": ("sft.final_loss",), "reward_model": ("rm.heldout_accuracy",), "evaluate": ("eval.accuracy",),
          "rollout": ("rollout.reward_mean", "rollout.accuracy"), "grpo_update": ("update.loss", "update.kl"),
+         "grpo_rounds": ("rollout.reward_mean", "rollout.accuracy", "update.loss", "update.kl"),
          "rm_replay": ("replay.rm_accuracy_before", "replay.rm_accuracy_after")}
 LABELS = {"sft.final_loss": "loss", "rm.heldout_accuracy": "RM pair accuracy", "eval.accuracy": "held-out accuracy",
           "rollout.reward_mean": "reward", "rollout.accuracy": "accuracy", "update.loss": "loss", "update.kl": "KL",

@@ -72,16 +72,22 @@ def run_task(run_fn: Callable[..., dict], name: str, config_json: str, parent_ru
         result = run_fn(cfg, **kwargs)
         seconds = time.perf_counter() - start
         tracking.log_metrics({f"{stage}/seconds": seconds})
+    numeric = record_metrics(metrics_artifact, result)
+    if parent_run_id and not (stage == "rollout" and cfg.rollout.shards > 1):  # shards: `gather` logs the round
+        step = int(kwargs.get("step", kwargs.get("iteration", 0)))
+        log_to_run(mlflow.MlflowClient(), parent_run_id, {k: numeric[k] for k in PARENT_METRICS if k in numeric}, step)
+    return result
+
+
+def record_metrics(metrics_artifact: Any, result: dict) -> dict[str, float]:
+    """The finite numbers of a task's `result`, copied into its KFP Metrics artifact (if any, then written)."""
     numeric = {k: float(v) for k, v in result.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     if metrics_artifact is not None:
         for k, v in numeric.items():
             metrics_artifact.log_metric(k.replace("/", "."), v)
         write_metrics_file(metrics_artifact)
-    if parent_run_id and not (stage == "rollout" and cfg.rollout.shards > 1):  # shards: `gather` logs the round
-        step = int(kwargs.get("step", kwargs.get("iteration", 0)))
-        log_to_run(mlflow.MlflowClient(), parent_run_id, {k: numeric[k] for k in PARENT_METRICS if k in numeric}, step)
-    return result
+    return numeric
 
 
 def log_to_run(c: "mlflow.MlflowClient", run_id: str, metrics: dict[str, float], step: int = 0) -> None:

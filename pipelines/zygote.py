@@ -56,7 +56,8 @@ KNOWN_SCRIPT = ('program_path=$(mktemp -d) printf "%s" "$0" > "$program_path/eph
                 '_KFP_RUNTIME=true {python} -m kfp.dsl.executor_main --component_module_path '
                 '"$program_path/ephemeral_component.py" "$@"')
 # what tasks import: every task pays for these once, in the zygote, instead of per process
-PRELOAD = ("kfp.dsl.executor_main", "pipelines.kfp_components", "pipelines.runtime", "pipelines.parent_run", "pipelines.warm_start", "pipelines.trainer_job",
+PRELOAD = ("kfp.dsl.executor_main", "pipelines.kfp_components", "pipelines.runtime", "pipelines.parent_run",
+           "pipelines.warm_start", "pipelines.rounds", "pipelines.trainer_job",
            "components.prepare_data", "components.sft", "components.reward_model", "components.evaluate",
            "components.rollout", "components.grpo_update", "components.rm_replay", "components.promote",
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store")
