@@ -169,8 +169,10 @@ class VLLMBackend:
         """Push `model`'s current weights into the running engine (no restart, no CUDA-graph capture) and
         drop its prefix cache, which holds keys/values of the old weights.
 
-        Uses `LLM.apply_model` (vLLM ≥ 0.9; with the V1 engine in its own process vLLM needs
-        VLLM_ALLOW_INSECURE_SERIALIZATION=1 to ship the function). Not yet run on a GPU by this project.
+        Uses `LLM.apply_model` (vLLM ≥ 0.9). `pipelines.rounds` runs the engine core in the calling process
+        (VLLM_ENABLE_V1_MULTIPROCESSING=0), where the function and the weights are passed by reference;
+        with the engine in other processes (tensor parallel) vLLM pickles them and needs
+        VLLM_ALLOW_INSECURE_SERIALIZATION=1. Not yet run on a GPU by this project.
         """
         if not hasattr(self.llm, "apply_model"):
             raise VLLMUnavailableError("loop.warm_engine with rollout.backend vllm needs vLLM >= 0.9 "

@@ -14,6 +14,7 @@ on: the iteration's rollouts (every round, for rm-replay) and the new policy.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,6 +40,8 @@ def sampler(cfg: Config, trainer: grpo_update.Trainer, policy_dir: str) -> Backe
     if rc.backend == "hf" and (rc.hf.dtype or cfg.model.dtype) == cfg.model.dtype:
         check_finite_weights(trainer.model, policy_dir)
         return HFBackend(trainer.model, trainer.tok, rc.generation_batch_size)
+    if rc.backend == "vllm":  # the engine core in this process: new weights go in by reference, not pickled
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return make_backend(rc.backend, policy_dir, cfg.model, rc)
 
 

@@ -174,7 +174,7 @@ def test_unrolled_loop_wiring(loop22):
 def test_promote_closes_the_run_after_every_other_task(loop22, tmp_path):
     """The final task (promotion, closing the parent MLflow run) waits for every other task, so every
     evaluation lands in the parent run and its curves before the run is closed."""
-    for c in (loop22, compile_to(load_config(GPU_CONFIG, {"rollout": {"shards": 2}}), tmp_path / "shards.yaml")):
+    for c in (loop22, compile_to(load_config(GPU_CONFIG, {"rollout": {"shards": 2}, "loop": {"warm_engine": False}}), tmp_path / "shards.yaml")):
         assert c.ancestors("promote") == set(c.root) - {"promote"}
         for i in range(2):
             assert f"evaluate-i{i}" in c.deps("promote")
@@ -264,6 +264,7 @@ def stage_of(name: str) -> str:
     for prefix, stage in [("start-tracking", "prepare_data"), ("prepare-data", "prepare_data"),
                           ("gather-rollouts", "prepare_data"), ("reward-model", "reward_model"),
                           ("rollout", "rollout"), ("grpo-update", "grpo_update"), ("rm-replay", "rm_replay"),
+                          ("grpo-rounds", "rollout"),  # loop.warm_engine with vLLM: placed as the rollout
                           ("evaluate", "evaluate"), ("sft", "sft"), ("promote", "promote")]:
         if name.startswith(prefix):
             return stage
@@ -319,11 +320,22 @@ def test_gpu_config_placement(gpu):
         else:
             assert "accelerator" not in res, name
             assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(k8s), name
-    assert seen == set(STAGES)
-    # the vLLM image for sampling; the CUDA trainer image for training
+    # the shipped config keeps vLLM warm between rounds: an iteration's rounds in one task on the vLLM image
+    assert cfg.loop.warm_engine and seen == set(STAGES) - {"grpo_update"}
+    assert c.container("grpo-rounds-i0")["image"] == "ghcr.io/kfp-grpo/rollout-vllm:0.1.0"
+    assert c.container("prepare-data")["image"] == "ghcr.io/kfp-grpo/trainer-cpu:0.1.0"
+    assert len(c.root) == 5 + cfg.loop.iterations * 3 + 1
+
+
+def test_gpu_config_one_task_per_stage(tmp_path):
+    """The same config with `loop.warm_engine: false`: the vLLM image for sampling, the CUDA trainer image
+    for training, one task each per round."""
+    cfg = load_config(GPU_CONFIG, {"loop": {"warm_engine": False}})
+    c = compile_to(cfg, tmp_path / "gpu-per-stage.yaml")
     assert c.container("rollout-i0-m0")["image"] == "ghcr.io/kfp-grpo/rollout-vllm:0.1.0"
     assert c.container("grpo-update-i0-m0")["image"] == "ghcr.io/kfp-grpo/trainer-cuda:0.1.0"
-    assert c.container("prepare-data")["image"] == "ghcr.io/kfp-grpo/trainer-cpu:0.1.0"
+    assert c.container("grpo-update-i0-m0")["resources"]["resourceMemoryRequest"] == \
+        cfg.cluster.resources("grpo_update").memory_request
     assert len(c.root) == 5 + cfg.loop.iterations * (2 * cfg.loop.steps_per_iteration + 2) + 1
 
 
@@ -353,7 +365,7 @@ def test_no_secret_values_in_compiled_yaml(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- sharded rollouts
 def test_rollout_shards_compile_to_parallel_for_and_gather(tmp_path):
-    cfg = load_config(GPU_CONFIG, {"rollout": {"shards": 2}, "loop": {"iterations": 1, "steps_per_iteration": 2}})
+    cfg = load_config(GPU_CONFIG, {"rollout": {"shards": 2}, "loop": {"iterations": 1, "steps_per_iteration": 2, "warm_engine": False}})
     c = compile_to(cfg, tmp_path / "shards.yaml")
     loops = [n for n in c.root if n.startswith("rollout-shards-")]
     assert loops == ["rollout-shards-i0-m0", "rollout-shards-i0-m1"]

@@ -341,3 +341,24 @@ def test_vllm_sampling_is_seeded_and_diverse_on_gpu(trained_policy):
     assert len({tuple(g.token_ids) for g in a}) > 1
     assert all(len(g.logprobs) == len(g.token_ids) and all(lp <= 0 for lp in g.logprobs) for g in a)
 
+
+
+@pytest.mark.gpu
+@gpu_vllm
+def test_vllm_takes_new_weights_without_a_restart_on_gpu(trained_policy, untrained_policy, monkeypatch):
+    """`loop.warm_engine`'s weight push: an engine started on the trained policy, given the untrained
+    policy's weights with `load_weights`, answers greedily as transformers does with the untrained one.
+    Not run yet: no GPU was lent to this task."""
+    from components.vllm_backend import VLLMBackend
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as pipelines.rounds runs it
+    prompts = [f"<|user|>{a}+{b}<|assistant|>" for a, b in [(1, 2), (13, 29), (40, 8), (25, 25)]]
+    sampling = Sampling(n=1, temperatures=[1.0], max_new_tokens=16, greedy=True)
+    new, tok = load_policy(str(untrained_policy))
+    new.to("cuda")
+    want = [g.token_ids for g in HFBackend(new, tok).generate(prompts, sampling)]
+    vb = VLLMBackend(str(trained_policy), VLLMConfig(dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True))
+    before = [g.token_ids for g in vb.generate(prompts, sampling)]
+    vb.load_weights(new)
+    after = [g.token_ids for g in sorted(vb.generate(prompts, sampling), key=lambda g: g.prompt_index)]
+    assert after == want and before != want
