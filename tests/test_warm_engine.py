@@ -165,7 +165,8 @@ def test_kfp_grpo_run_with_warm_engine(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = _config(True)
+    cfg = _config(True, data={"num_train": 64, "num_test": 16}, sft={"steps": 5}, reward_model={"steps": 2},
+                  replay={"steps": 2})  # the wiring, not the learning
     summary = local_run.run_local(cfg, tmp_path / "run", {"init_policy_uri": "", "init_reward_uri": ""})
     terminal = capsys.readouterr().out
     assert "(2 iterations × 2 rounds in memory)" in terminal
