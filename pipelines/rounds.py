@@ -63,6 +63,16 @@ def rounds_task(name: str, config_json: str, parent_run_id: str, tracking_uri: s
     Path(rollouts).parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".rounds-", dir=Path(rollouts).parent))
     metrics: dict[str, float] = {}
+
+    def update(c: Config, round_rollouts: str, step: int) -> dict:
+        """grpo_update's round on the policy in memory (no load, no save)."""
+        clock = PhaseClock("update")
+        rows = read_rollouts(round_rollouts)
+        clock.lap("io")
+        result = grpo_update.train_round(ctx, c, trainer, rows, round_rollouts, reference_model, step, clock)
+        tracking.log_metrics(clock.metrics(), step=step)
+        return {**result, **clock.metrics()}
+
     try:
         paths = []
         for m in range(cfg.loop.steps_per_iteration):
@@ -75,17 +85,8 @@ def rounds_task(name: str, config_json: str, parent_run_id: str, tracking_uri: s
             # π_ref is the policy itself only in the first round when the reference is this iteration's start
             if cfg.grpo.beta > 0 and reference and reference_model is None and not (m == 0 and reference == policy):
                 reference_model = grpo_update.load_reference(ctx, cfg, reference)
-
-            def update(c: Config, rollouts: str, step: int) -> dict:
-                clock = PhaseClock("update")
-                rows = read_rollouts(rollouts)
-                clock.lap("io")
-                result = grpo_update.train_round(ctx, c, trainer, rows, rollouts, reference_model, step, clock)
-                tracking.log_metrics(clock.metrics(), step=step)
-                return {**result, **clock.metrics()}
-
             metrics |= runtime.run_task(update, f"grpo-update-i{iteration}-m{m}", config_json, parent_run_id,
-                                        tracking_uri, None, stage="grpo_update", rollouts=path, step=step)
+                                        tracking_uri, None, stage="grpo_update", round_rollouts=path, step=step)
             engine.load_weights(trainer.model)
         grpo_update.save_trainer(ctx, trainer, new_policy)
         write_rollouts(read_rollouts(paths), rollouts)
