@@ -256,18 +256,23 @@ def cache_hits_reported(sink: TaskLog) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def print_restored() -> Iterator[None]:
-    """Put `builtins.print` back afterwards.
+def kfp_globals_restored() -> Iterator[None]:
+    """Put `builtins.print` and the root logger's handlers and level back afterwards.
 
-    kfp.local (2.17) indents each task's output by swapping `builtins.print` in and out;
-    two tasks running at once (rollout shards) can swap it back in the wrong order and
-    leave it indenting every later print of this process (the `--json` summary included).
+    kfp.local (2.17) indents each task's output by swapping `builtins.print` in and out, and gives
+    each task a root-logger handler on the current stdout, putting back the handlers it found; two
+    tasks running at once (rollout shards) can restore in the wrong order and leave print indenting
+    every later print of this process (the `--json` summary included) and a handler writing to this
+    run's closed terminal sink (every later log record of the process then fails to print).
     """
-    original = builtins.print
+    original, root = builtins.print, logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     try:
         yield
     finally:
         builtins.print = original
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def task_names(pipeline) -> dict[str, tuple[str, str, int]]:
@@ -348,7 +353,7 @@ def _run_pipeline(cfg: Config, workdir: Path, logdir: Path, init: dict[str, str]
     sink = TaskLog(tasks, logdir, sys.stdout, verbose, metrics_file=lambda name: _newest(workdir / "kfp", name))
     start, started_ms = time.perf_counter(), int(time.time() * 1000)
     try:
-        with print_restored(), cache_hits_reported(sink), contextlib.redirect_stdout(sink):
+        with kfp_globals_restored(), cache_hits_reported(sink), contextlib.redirect_stdout(sink):
             task = pipeline(tracking_uri=uri, **init)
     except RuntimeError as err:  # kfp.local: a task failed (the tail of its log is above)
         sink.close_logs()

@@ -4,6 +4,7 @@ they need (print put back, upstream parameters kept in loops); the GPU benchmark
 from __future__ import annotations
 
 import builtins
+import io
 import json
 
 import mlflow
@@ -55,6 +56,9 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys, mo
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert builtins.print is print_  # kfp.local's per-task print indentation does not outlive the run
+    import logging  # nor a racing shard's log handler on the run's (closed) terminal sink
+
+    assert not [h for h in logging.getLogger().handlers if type(getattr(h, "stream", None)).__name__ == "TaskLog"]
     (run_dir,) = (work / "kfp").iterdir()
     shards = [pd.read_parquet(p) for p in sorted(run_dir.glob("for-loop-*-iteration-*/rollout/rollouts"))]
     gathered = pd.read_parquet(run_dir / "gather-rollouts" / "rollouts")
@@ -77,13 +81,17 @@ def test_sharded_rollouts_fan_out_and_gather_in_a_local_run(tmp_path, capsys, mo
         assert point.step == 0 and point.value == pytest.approx(float(gathered[column].mean())), key
 
 
-def test_print_is_put_back_when_kfp_local_leaves_it_swapped():
-    from pipelines.local import print_restored
+def test_print_and_log_handlers_are_put_back_when_kfp_local_leaves_them_swapped():
+    import logging
 
-    original = builtins.print
-    with print_restored():
+    from pipelines.local import kfp_globals_restored
+
+    original, root = builtins.print, logging.getLogger()
+    handlers = root.handlers[:]
+    with kfp_globals_restored():
         builtins.print = lambda *a, **kw: original("    ", *a, **kw)  # what kfp.local's racing tasks leave
-    assert builtins.print is original
+        root.addHandler(logging.StreamHandler(io.StringIO()))  # a racing task's handler on the run's sink
+    assert builtins.print is original and root.handlers == handlers
 
 
 def test_the_kfp_local_loop_workaround_keeps_upstream_parameters():
