@@ -172,8 +172,8 @@ def test_process_advantages_reach_the_loss_token_by_token():
              "<think>1 + 2 = 3\n3 + 4 = 7</think><answer>7</answer>"]
     ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in texts]
     rows = pd.DataFrame({"completion": texts, "completion_ids": ids, "answer": ["7", "7"]})
-    token_adv, step_accuracy = process_token_advantages(tok, rows, 2, 1e-4)
-    assert step_accuracy == pytest.approx(4 / 6)
+    token_adv, step_metrics = process_token_advantages(tok, rows, 2, 1e-4)
+    assert step_metrics == {"rollout/step_accuracy": pytest.approx(4 / 6)}
     first_step_end = ids[0].index(tok.convert_tokens_to_ids("\n"))
     wrong, right = token_adv
     assert wrong[first_step_end + 1] < wrong[first_step_end] and wrong[0] == wrong[first_step_end]
@@ -193,7 +193,7 @@ def test_process_advantages_reach_the_loss_token_by_token():
 MULTISTEP = {"data": {"num_train": 400, "num_test": 40, "arithmetic": {"num_operations": 2}},
              "sft": {"steps": 300, "lr": 1e-3, "with_reasoning": True},
              "rollout": {"max_new_tokens": 32, "prompts_per_step": 8}, "evaluation": {"max_new_tokens": 32},
-             "grpo": {"supervision": "process", "minibatch_size": 16, "lr": 1e-4},
+             "grpo": {"supervision": "process", "minibatch_size": 16, "lr": 1e-4}, "reward": {"kind": "verifier"},
              "loop": {"iterations": 1, "steps_per_iteration": 2}}
 
 
