@@ -134,9 +134,10 @@ class SFTConfig(_Strict):
 class RewardModelConfig(_Strict):
     """Reward model r_φ: a scalar head on the SFT policy's backbone."""
 
-    objective: Literal["pairwise", "pointwise", "process"] = Field(
+    objective: Literal["pairwise", "pointwise", "pairwise+pointwise", "process"] = Field(
         "pairwise", description="pairwise: Bradley–Terry on (correct, incorrect) completions of a prompt; pointwise: "
-                                "BCE on each completion's verdict; process: a process reward model (PRM) — BCE on "
+                                "BCE on each completion's verdict; pairwise+pointwise: both losses, a batch of each "
+                                "per step; process: a process reward model (PRM) — BCE on "
                                 "every prefix of a completion that ends a reasoning step, labelled by the verifier's "
                                 "step labels (rewards.step_labels); its score of a whole completion is its outcome "
                                 "score, its score of a step's prefix that step's reward under grpo.supervision process")

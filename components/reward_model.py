@@ -151,29 +151,38 @@ def ranking_agreement(scores, correct, groups) -> tuple[float, int]:
     return (agree / n if n else float("nan")), n
 
 
+PAIRWISE, POINTWISE = ("pairwise", "pairwise+pointwise"), ("pointwise", "pairwise+pointwise", "process")
+
+
 def fit(rm, tok, data: pd.DataFrame, cfg: Config, steps: int, lr: float, batch_size: int, name: str) -> list[float]:
-    """Train r_φ on labelled completions with the configured objective."""
+    """Train r_φ on labelled completions with the configured objective (`reward_model.objective`): the
+    Bradley–Terry loss on (correct, incorrect) pairs of a prompt, BCE on each completion's verdict, their
+    sum (`pairwise+pointwise`, a batch of each per step), or BCE on every step's prefix (`process`)."""
     rng = random.Random(cfg.seed)
-    max_len = cfg.reward_model.max_length
-    if cfg.reward_model.objective == "pairwise":
+    max_len, objective = cfg.reward_model.max_length, cfg.reward_model.objective
+    pairs, rows = [], []
+    if objective in PAIRWISE:
         pairs = make_pairs(data, cfg.seed)
         if not pairs:
             raise ValueError(f"{name}: no (correct, incorrect) pair for any prompt; cannot train pairwise")
-
-        def loss_fn(step: int) -> torch.Tensor:
-            p, c, r = zip(*rng.sample(pairs, min(batch_size, len(pairs))))
-            margin = score(rm, tok, list(p), list(c), max_len, grad=True) - score(rm, tok, list(p), list(r), max_len, grad=True)
-            return -F.logsigmoid(margin).mean()  # Bradley–Terry
-    else:  # pointwise; process: pointwise on every step's prefix
-        table = step_prefixes(data) if cfg.reward_model.objective == "process" else data
+    if objective in POINTWISE:
+        table = step_prefixes(data) if objective == "process" else data
         rows = list(table[["prompt", "completion", "label"]].itertuples(index=False, name=None))
         if not rows:
             raise ValueError(f"{name}: no labelled completion to train on")
 
-        def loss_fn(step: int) -> torch.Tensor:
+    def loss_fn(step: int) -> torch.Tensor:
+        loss = torch.zeros((), device=rm.device)
+        if pairs:
+            p, c, r = zip(*rng.sample(pairs, min(batch_size, len(pairs))))
+            margin = score(rm, tok, list(p), list(c), max_len, grad=True) - score(rm, tok, list(p), list(r), max_len, grad=True)
+            loss = loss - F.logsigmoid(margin).mean()  # Bradley–Terry
+        if rows:
             p, c, y = zip(*rng.sample(rows, min(batch_size, len(rows))))
             logits = score(rm, tok, list(p), list(c), max_len, grad=True)
-            return F.binary_cross_entropy_with_logits(logits, torch.tensor(y, dtype=torch.float32, device=logits.device))
+            loss = loss + F.binary_cross_entropy_with_logits(logits, torch.tensor(y, dtype=torch.float32,
+                                                                                  device=logits.device))
+        return loss
 
     return train_steps(rm, loss_fn, steps, lr, warmup=min(10, steps // 10), name=name)
 

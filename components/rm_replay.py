@@ -54,7 +54,7 @@ def run(cfg: Config, rollouts: str | list[str], reward_model: str, history: str 
     before = pairwise_accuracy(rm, tok, held_pairs, max_len)
     process = cfg.reward_model.objective == "process"  # a PRM: its step verdicts on the fresh held-out samples too
     steps_before = step_metrics(rm, tok, fresh_held, max_len) if process else None
-    if make_pairs(train, cfg.seed) or cfg.reward_model.objective == "pointwise":
+    if make_pairs(train, cfg.seed) or cfg.reward_model.objective in ("pointwise", "process"):
         fit(rm, tok, train, cfg, cfg.replay.steps, cfg.replay.lr, cfg.replay.batch_size, "rm_replay")
     else:
         print("[rm_replay] no (correct, incorrect) pair in the buffer: the reward model is kept as it was")

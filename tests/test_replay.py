@@ -197,15 +197,81 @@ MULTISTEP = {"data": {"num_train": 400, "num_test": 40, "arithmetic": {"num_oper
              "loop": {"iterations": 1, "steps_per_iteration": 2}}
 
 
-def test_process_supervision_through_the_plan(tmp_path):
+@pytest.fixture(scope="module")
+def multistep_run(tmp_path_factory):
+    """One in-process run of the plan on the multi-step task with process supervision (the verifier's step
+    labels): (work directory, result). Its SFT policy writes worked solutions, some steps right, some wrong."""
     from pipelines.inprocess import run_in_process
 
-    cfg = fast_config(**MULTISTEP)
-    result = run_in_process(cfg, tmp_path / "work")
-    rollouts = read_rollouts(str(tmp_path / "work" / "rollout-i0-m0" / "rollouts"),
+    work = tmp_path_factory.mktemp("multistep") / "work"
+    return work, run_in_process(fast_config(**MULTISTEP), work)
+
+
+def test_process_supervision_through_the_plan(multistep_run):
+    work, result = multistep_run
+    rollouts = read_rollouts(str(work / "rollout-i0-m0" / "rollouts"),
                              ("completion", "completion_ids", "token_advantages", "advantage"))
     assert [len(a) for a in rollouts.token_advantages] == [len(i) for i in rollouts.completion_ids]
     assert any(len(set(a[:-1])) > 1 for a in rollouts.token_advantages)  # advantages vary within a completion
     assert rollouts.completion.str.contains(" = ").mean() > 0.5  # the policy writes its steps
     assert 0 <= result["results"]["rollout-i0-m0"]["rollout/step_accuracy"] <= 1
     assert result["results"]["grpo-update-i0-m1"]
+
+
+def test_step_prefixes_carry_the_verifier_step_labels():
+    from components.reward_model import step_prefixes
+
+    data = pd.DataFrame({"prompt_id": ["1", "1"], "prompt": ["q", "q"], "origin": "policy", "label": [0.0, 1.0],
+                         "completion": ["<think>37 + 48 = 75\n75 + 12 = 87</think><answer>87</answer>",
+                                        "<think>37 + 48 = 85\n85 + 12 = 97</think><answer>97</answer>"]})
+    steps = step_prefixes(data)
+    assert steps.completion.tolist() == ["<think>37 + 48 = 75\n", "<think>37 + 48 = 75\n75 + 12 = 87</think>",
+                                         data.completion[0], "<think>37 + 48 = 85\n",
+                                         "<think>37 + 48 = 85\n85 + 12 = 97</think>", data.completion[1]]
+    assert steps.label.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # the whole completion: its own label
+
+
+PRM = {"reward": {"kind": "rm", "rm_weight": 1.0},
+       "reward_model": {"objective": "process", "policy_samples": 8, "sample_prompts": 200, "steps": 150,
+                        "batch_size": 32, "heldout_fraction": 0.25}}
+
+
+def test_a_learned_prm_scores_right_steps_above_wrong_ones_and_its_scores_become_the_step_rewards(multistep_run,
+                                                                                                   tmp_path):
+    """reward_model.objective process on the multi-step SFT policy's own worked solutions: on held-out prompts'
+    samples, the PRM scores the steps the verifier judges right above the wrong ones; with reward.kind rm under
+    process supervision, its scores of each step's prefix are the step rewards the token advantages come from."""
+    import torch
+
+    from components import reward_model
+    from components.grpo import process_advantages
+    from components.modeling import build_tiny_tokenizer, load_reward_model
+    from components.rewards import rm_term
+    from components.rollout import process_token_advantages, step_scorer
+
+    work, _ = multistep_run
+    cfg = fast_config(**{**MULTISTEP, **PRM})
+    metrics = reward_model.run(cfg, str(work / "prepare-data" / "train"), str(work / "sft" / "model"),
+                               str(tmp_path / "prm"), str(tmp_path / "rm_data"))
+    print(f"\nPRM: {metrics['rm/heldout_steps']} held-out steps, right-above-wrong {metrics['rm/heldout_step_auc']:.3f}, "
+          f"accuracy {metrics['rm/heldout_step_accuracy']:.3f}; training {metrics['rm/train_seconds']:.0f}s")
+    assert metrics["rm/heldout_steps"] >= 100
+    assert metrics["rm/heldout_step_auc"] >= 0.7  # measured 0.81 (974 steps)
+
+    rm, rm_tok = load_reward_model(str(tmp_path / "prm"))
+    tok = build_tiny_tokenizer()
+    texts = ["<think>1 + 2 = 3\n3 + 4 = 8</think><answer>8</answer>",   # right step, then a wrong one
+             "<think>1 + 2 = 3\n3 + 4 = 7</think><answer>7</answer>"]
+    ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in texts]
+    rows = pd.DataFrame({"prompt": ["What is 1 + 2 + 4?"] * 2, "completion": texts, "completion_ids": ids,
+                         "answer": ["7", "7"]})
+    token_adv, step_metrics = process_token_advantages(tok, rows, 2, 1e-4, step_scorer(cfg, rm, rm_tok), (1.0, 0.0))
+    assert 0 <= step_metrics["rollout/prm_step_accuracy"] <= 1
+    prefixes = [[t[:t.index("\n") + 1], t[:t.index("<answer>")], t] for t in texts]
+    scores = [torch.tensor(rm_term(reward_model.score(rm, rm_tok, rows.prompt[:1].tolist() * 3, p, 64).numpy(), True))
+              for p in prefixes]
+    ends = [torch.tensor([i.index(tok.convert_tokens_to_ids("\n")), i.index(tok.convert_tokens_to_ids("</think>")),
+                          len(i) - 2]) for i in ids]
+    expected = process_advantages(scores, ends, [len(i) for i in ids], 1e-4)
+    for got, want in zip(token_adv, expected):
+        assert got == pytest.approx(want.tolist(), abs=1e-5)
