@@ -83,11 +83,11 @@ def test_rm_as_the_reward_through_kfp_grpo_run(tmp_path):
     assert rv.tags["reward_model_objective"] == "pairwise" and rv.tags["policy_version"] == summary["policy_version"]
 
 
-MULTISTEP_REDUCED = ["sft.steps=300", "data.num_train=400", "data.num_test=40", "rollout.prompts_per_step=8",
+MULTISTEP_REDUCED = ["sft.steps=200", "data.num_train=400", "data.num_test=40", "rollout.prompts_per_step=8",
                      "rollout.max_new_tokens=32", "evaluation.max_new_tokens=32", "grpo.minibatch_size=64",
                      "loop.iterations=1", "loop.steps_per_iteration=2", "replay.steps=5",
                      "reward.kind=rm", "reward.rm_weight=1.0", "reward_model.objective=process",
-                     "reward_model.policy_samples=4", "reward_model.sample_prompts=60", "reward_model.steps=60"]
+                     "reward_model.policy_samples=4", "reward_model.sample_prompts=60", "reward_model.steps=40"]
 
 
 def test_process_supervision_with_a_learned_prm_through_kfp_grpo_run(tmp_path):
