@@ -135,7 +135,9 @@ def test_replay_benchmark_smoke(tmp_path):
     md = (tmp_path / "replay.md").read_text()
     assert md.count("| (a) RM frozen |") == 3 and "## Goals" in md  # 2 iterations + the summary over seeds
     sup = res["supervision"]["0"]  # part 2: outcome vs process supervision on the multi-step task
-    assert set(sup) == {"outcome", "process"} and sup["outcome"]["sft"] == sup["process"]["sft"]
+    assert set(sup) == {"outcome", "process", "process-prm"}
+    assert sup["outcome"]["sft"] == sup["process"]["sft"] == sup["process-prm"]["sft"]
+    assert sup["process-prm"]["rm_initial"] != sup["process"]["rm_initial"]  # its own (process) reward model
     assert all(len(e["iterations"]) == 2 for e in sup.values()) and "Outcome vs process" in md
     c = mlflow.MlflowClient(res["tracking_uri"])
     parents = {r.info.run_id for r in c.search_runs([c.get_experiment_by_name("kfp-grpo-replay-bench").experiment_id])
