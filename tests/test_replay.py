@@ -39,6 +39,20 @@ def test_reward_kind_is_validated():
         parse_config({"reward": {"kind": "learned"}})
 
 
+def test_process_reward_model_config_is_validated():
+    """A reward kind with an RM term under process supervision scores steps: it needs a PRM; a PRM needs the
+    policy's own worked solutions. Each refusal names the keys to set."""
+    with pytest.raises(ConfigError, match="grpo.supervision 'process' with reward.kind 'mixed'.*reward_model.objective"):
+        parse_config({"grpo": {"supervision": "process"}})
+    with pytest.raises(ConfigError, match="reward_model.*objective 'process'.*policy_samples"):
+        parse_config({"reward_model": {"objective": "process"}})
+    parse_config({"grpo": {"supervision": "process"}, "reward": {"kind": "verifier"}})
+    cfg = parse_config({"grpo": {"supervision": "process"}, "reward": {"kind": "rm"},
+                        "reward_model": {"objective": "process", "policy_samples": 4}})
+    assert cfg.reward_model.objective == "process"
+    parse_config({"reward_model": {"objective": "pairwise+pointwise"}})
+
+
 def test_ranking_agreement_counts_pairs_within_groups():
     # group 0: correct 2.0 vs wrong 1.0 (agree) and 3.0 (disagree); group 1: no correct one
     acc, pairs = ranking_agreement([2.0, 1.0, 3.0, 5.0, 0.0], [True, False, False, False, False], [0, 0, 0, 1, 1])
@@ -68,6 +82,20 @@ def test_policy_rm_data_is_labelled_by_the_verifier(trained_policy, trained_test
     assert data.label.tolist() == [float(is_correct(c, answers[i])) for c, i in zip(data.completion, data.prompt_id)]
     assert 0 < data.label.mean() < 1  # the trained policy is right sometimes, not always
     assert not data.duplicated(["prompt_id", "completion"]).any()
+
+
+@pytest.mark.parametrize("objective", ["pairwise+pointwise", "process"])
+def test_reward_model_objectives_train_and_report(objective, trained_policy, trained_test_set, tmp_path):
+    """The reward-model stage with both losses, and as a PRM on completions without steps (the default task: the
+    whole completion is its one step), trains on the policy's samples and reports its held-out accuracy."""
+    import math
+
+    from components import reward_model
+
+    cfg = fast_config(reward_model={"objective": objective, "steps": 5, "policy_samples": 4, "sample_prompts": 30})
+    m = reward_model.run(cfg, str(trained_test_set), str(trained_policy), str(tmp_path / "rm"), str(tmp_path / "d"))
+    assert math.isfinite(m["rm/final_loss"]) and m["rm/policy_examples"] > 0 and 0 <= m["rm/heldout_accuracy"] <= 1
+    assert ("rm/heldout_step_auc" in m) == (objective == "process")
 
 
 # --------------------------------------------------------------------------- through the plan
