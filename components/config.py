@@ -464,7 +464,8 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _process_reward_model(self) -> "Config":
-        if self.grpo.supervision == "process" and self.reward.weights()[0] and self.reward_model.objective != "process":
+        scores_steps = self.grpo.supervision == "process" and self.reward.weights()[0]
+        if scores_steps and self.reward_model.objective != "process":
             raise ValueError(f"grpo.supervision 'process' with reward.kind '{self.reward.kind}' scores every step with "
                              "the reward model, which needs reward_model.objective 'process' (a process reward model "
                              f"trained on step labels; it is '{self.reward_model.objective}'), or reward.kind 'verifier' "

@@ -58,16 +58,17 @@ def step_rewards(tok, completion: str, ids: list[int], answer: str) -> tuple[tor
             torch.tensor([s[0] for s in spans], dtype=torch.long))
 
 
-StepScorer = Callable[[list[str], list[str]], np.ndarray]  # (prompts, completion prefixes) → s(r_φ) per prefix
+StepScorer = Callable[[list[str], list[str]], np.ndarray]  # (prompts, completion prefixes) → r_φ per prefix
 
 
 def process_token_advantages(tok, out: pd.DataFrame, group_size: int, eps: float, prm: StepScorer | None = None,
-                             weights: tuple[float, float] = (0.0, 1.0)) -> tuple[list[list[float]], dict[str, float]]:
+                             weights: tuple[float, float] = (0.0, 1.0),
+                             squash: bool = True) -> tuple[list[list[float]], dict[str, float]]:
     """Per-token advantages of every completion (`grpo.process_advantages`, group by group) and the round's step
-    metrics. Step j's reward is `weights[0]·prm(prefix to the end of step j) + weights[1]·label_j` (the process
-    reward model's score of the step, the verifier's verdict on it); `rollout/step_accuracy` is the fraction of
-    steps the verifier judged right, and with a `prm`, `rollout/prm_step_accuracy` how often the PRM agrees
-    (s > 0.5 on the steps judged right, below on the others)."""
+    metrics. Step j's reward is `weights[0]·s(prm(prefix to the end of step j)) + weights[1]·label_j` (the process
+    reward model's score of the step, s = σ or the identity (`squash`); the verifier's verdict on it);
+    `rollout/step_accuracy` is the fraction of steps the verifier judged right, and with a `prm`,
+    `rollout/prm_step_accuracy` how often the PRM agrees (r_φ > 0 on the steps judged right, ≤ 0 on the others)."""
     spans = [step_spans(tok, c, list(ids), a) for c, ids, a in zip(out.completion, out.completion_ids, out.answer)]
     labels = [torch.tensor([s[2] for s in sp], dtype=torch.float64) for sp in spans]
     rewards = [weights[1] * lab for lab in labels]
@@ -76,9 +77,10 @@ def process_token_advantages(tok, out: pd.DataFrame, group_size: int, eps: float
     if prm is not None and flat.numel():
         prompts = [p for p, sp in zip(out.prompt, spans) for _ in sp]
         prefixes = [c[:end] for c, sp in zip(out.completion, spans) for _, end, _ in sp]
-        scores = torch.tensor(np.asarray(prm(prompts, prefixes), dtype=np.float64))
+        raw = np.asarray(prm(prompts, prefixes), dtype=np.float64)
+        scores = torch.tensor(rm_term(raw, squash))
         rewards = [r + weights[0] * s for r, s in zip(rewards, scores.split([len(sp) for sp in spans]))]
-        metrics["rollout/prm_step_accuracy"] = float(((scores > 0.5) == (flat > 0.5)).double().mean())
+        metrics["rollout/prm_step_accuracy"] = float(((torch.tensor(raw) > 0) == (flat > 0.5)).double().mean())
     ends = [torch.tensor([s[0] for s in sp], dtype=torch.long) for sp in spans]
     token_adv: list[list[float]] = []
     for g in range(0, len(spans), group_size):
@@ -89,10 +91,9 @@ def process_token_advantages(tok, out: pd.DataFrame, group_size: int, eps: float
 
 
 def step_scorer(cfg: Config, rm, rm_tok) -> StepScorer:
-    """The process reward model as a step scorer: s(r_φ(prompt, prefix)) (`reward.rm_squash`) of each prefix."""
+    """The process reward model as a step scorer: r_φ(prompt, prefix) of each prefix (raw scores)."""
     def scores(prompts: list[str], prefixes: list[str]) -> np.ndarray:
-        raw = score(rm, rm_tok, prompts, prefixes, cfg.reward_model.max_length, cfg.data.system_prompt)
-        return rm_term(raw.cpu().numpy(), cfg.reward.rm_squash)
+        return score(rm, rm_tok, prompts, prefixes, cfg.reward_model.max_length, cfg.data.system_prompt).cpu().numpy()
     return scores
 
 
@@ -153,7 +154,7 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
         rm_w, correct_w, _ = cfg.reward.weights()
         prm = step_scorer(cfg, rm, rm_tok) if rm_scores is not None and rm_w else None
         out["token_advantages"], step_metrics = process_token_advantages(tok, out, rc.group_size, a.eps, prm,
-                                                                         (rm_w, correct_w))
+                                                                         (rm_w, correct_w), cfg.reward.rm_squash)
         out["advantage"] = [sum(t) / len(t) for t in out.token_advantages]
     write_rollouts(out, rollouts)
     clock.lap("io")
