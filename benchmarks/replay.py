@@ -208,7 +208,12 @@ def markdown(res: dict[str, Any]) -> str:
              "for (a)–(c), correct+0.1·format for (d)); rollout acc: the verifier on the rollouts; held-out: greedy "
              "pass@1 on the held-out problems.", ""]
     for seed, s in res["per_seed"].items():
+        rm = s[next(iter(s))]["rm_initial"]
         lines += [f"## Seed {seed} (SFT held-out {s[next(iter(s))]['sft']:.3f})", "",
+                  f"Initial RM (shared by the variants): pairwise accuracy {_f(rm['rm/heldout_accuracy_policy'])} on "
+                  f"{rm['rm/heldout_policy_pairs']:.0f} held-out pairs of the SFT policy's own samples, "
+                  f"{_f(rm['rm/heldout_accuracy'])} on all held-out pairs; sampling {rm['rm/sample_seconds']:.0f} s, "
+                  f"training {rm['rm/train_seconds']:.0f} s.", "",
                   "| variant | iteration | RM before | RM after | pairs | agreement | reward | rollout acc | held-out |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, e in s.items():
