@@ -151,6 +151,18 @@ def ranking_agreement(scores, correct, groups) -> tuple[float, int]:
     return (agree / n if n else float("nan")), n
 
 
+def check_process(rm, path: str) -> None:
+    """ValueError unless the reward model at `path` was trained as a process reward model (`objective: process`,
+    recorded in its config.json): an outcome RM's scores of step prefixes would be meaningless step rewards."""
+    objective = getattr(rm.config, "kfp_grpo_objective", None)
+    if objective != "process":
+        raise ValueError(f"reward model {path} is not a process reward model (trained with objective "
+                         f"{objective or 'pairwise/pointwise, before objectives were recorded'}), but process "
+                         "supervision with a reward-model term scores every step with it; train one with "
+                         "reward_model.objective process (a run that starts from a registered reward model uses "
+                         "that one), or set reward.kind verifier")
+
+
 PAIRWISE, POINTWISE = ("pairwise", "pairwise+pointwise"), ("pointwise", "pairwise+pointwise", "process")
 
 
@@ -249,6 +261,7 @@ def run(cfg: Config, train: str, policy: str, reward_model: str, rm_data: str) -
                "rm/policy_examples": int((train.origin == "policy").sum()),
                "rm/sample_seconds": sample_seconds, "rm/train_seconds": train_seconds, **extra}
     tracking.log_metrics(metrics)
+    rm.config.kfp_grpo_objective = rc.objective  # in config.json: what the model's score means (check_process)
     save_model(rm, tok, reward_model)
     write_parquet(data, rm_data)
     return metrics

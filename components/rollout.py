@@ -22,7 +22,7 @@ from components.sampling import Sampling, group_temperatures
 from components.grpo import group_advantages, process_advantages, zero_variance_fraction
 from components.io import distinct_outputs, read_parquet
 from components.modeling import chat_prompt, load_reward_model
-from components.reward_model import ranking_agreement, score
+from components.reward_model import check_process, ranking_agreement, score
 from components.stage_cli import stage_main
 from components.rewards import rewards_for, rm_term, step_labels
 from components.seeds import TORCH_BITS, derived_seed
@@ -153,6 +153,8 @@ def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollou
     if cfg.grpo.supervision == "process":
         rm_w, correct_w, _ = cfg.reward.weights()
         prm = step_scorer(cfg, rm, rm_tok) if rm_scores is not None and rm_w else None
+        if prm is not None:
+            check_process(rm, reward_model)
         out["token_advantages"], step_metrics = process_token_advantages(tok, out, rc.group_size, a.eps, prm,
                                                                          (rm_w, correct_w), cfg.reward.rm_squash)
         out["advantage"] = [sum(t) / len(t) for t in out.token_advantages]

@@ -98,6 +98,22 @@ def test_reward_model_objectives_train_and_report(objective, trained_policy, tra
     assert ("rm/heldout_step_auc" in m) == (objective == "process")
 
 
+def test_process_supervision_refuses_an_outcome_reward_model_for_its_steps(data_dir, untrained_policy, tmp_path):
+    """A reward model trained pairwise (or registered before objectives were recorded) cannot give step rewards:
+    the rollout stage names the model and what to set, instead of scoring step prefixes with it."""
+    from components import reward_model, rollout
+
+    reward_model.run(fast_config(), str(data_dir / "train.parquet"), str(untrained_policy), str(tmp_path / "rm"),
+                     str(tmp_path / "rm_data"))
+    cfg = fast_config(grpo={"supervision": "process"}, reward={"kind": "rm"},
+                      reward_model={"objective": "process", "policy_samples": 2})
+    with pytest.raises(ValueError, match=r"rm is not a process reward model \(trained with objective pairwise\)"
+                                         r".*reward_model.objective process"):
+        rollout.run(cfg, str(data_dir / "train.parquet"), str(untrained_policy), str(tmp_path / "rm"),
+                    str(tmp_path / "rollouts"))
+    assert not (tmp_path / "rollouts").exists()
+
+
 # --------------------------------------------------------------------------- through the plan
 LEARNS = {"sft": {"steps": 300, "lr": 1e-3}, "reward_model": {"policy_samples": 4, "sample_prompts": 100},
           "rollout": {"prompts_per_step": 24}, "loop": {"iterations": 2, "steps_per_iteration": 1}}
