@@ -40,11 +40,12 @@ from benchmarks.common import RESULTS, SMOKE, default_config, fresh_dir, loadavg
 
 # The loop is smaller than the default's (one round per iteration, 128 prompts a round) so that
 # 4 variants × 2 seeds fit in minutes on 2 CPU cores; the reward model learns from the SFT policy's
-# own samples as well as synthetic wrong answers.
+# own samples (8 per prompt, every training prompt) as well as synthetic wrong answers, 1200 steps at
+# lr 3e-4 (at 1e-3 it stayed near 0.79 on the policy's held-out pairs; README "Reward-model replay").
 BENCH = {
     "rollout": {"prompts_per_step": 128},
     "grpo": {"minibatch_size": 128},
-    "reward_model": {"policy_samples": 8},
+    "reward_model": {"policy_samples": 8, "sample_prompts": 2000, "steps": 1200, "lr": 3e-4},
     "loop": {"iterations": 4, "steps_per_iteration": 1},
     "tracking": {"experiment": "kfp-grpo-replay-bench"},
 }
@@ -66,7 +67,14 @@ SHARED = ("prepare-data", "sft", "evaluate-sft", "reward-model")
 # as the reward): the same SFT model per seed, the advantage per completion or per token.
 MULTISTEP = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "multistep.yaml"
 SUPERVISION: dict[str, dict[str, Any]] = {"outcome": {"grpo": {"supervision": "outcome"}},
-                                          "process": {"grpo": {"supervision": "process"}}}
+                                          "process": {"grpo": {"supervision": "process"}},
+                                          # the step rewards from a learned process reward model, retrained each
+                                          # iteration on the policy's samples (its own reward-model task)
+                                          "process-prm": {"grpo": {"supervision": "process"},
+                                                          "reward": {"kind": "rm", "rm_weight": 1.0},
+                                                          "reward_model": {"objective": "process", "policy_samples": 8,
+                                                                           "sample_prompts": 1000}}}
+OWN_REWARD_MODEL = {"process-prm"}  # variants that train their own reward model (the others share the first's)
 
 
 def variant_config(overrides: dict[str, Any], name: str, seed: int):
@@ -134,18 +142,24 @@ def run_supervision(overrides: dict[str, Any], seed: int, work: Path) -> dict[st
     shared: tuple[Path, dict[str, dict]] | None = None
     for name, variant in SUPERVISION.items():
         cfg = load_config(MULTISTEP, _deep_merge(_deep_merge(overrides, variant), {"seed": seed}))
-        res, wall, shared = run_variant(cfg, work / f"seed{seed}-supervision-{name}", shared,
-                                        f"seed {seed}: {name} supervision on the multi-step task")
+        reuse = shared if shared is None or name not in OWN_REWARD_MODEL else \
+            (shared[0], {t: m for t, m in shared[1].items() if t != "reward-model"})
+        res, wall, first = run_variant(cfg, work / f"seed{seed}-supervision-{name}", reuse,
+                                       f"seed {seed}: {name} supervision on the multi-step task")
+        shared = shared or first
         r = res["results"]
         rows = []
+        mean = lambda rounds, k: sum(x.get(k, float("nan")) for x in rounds) / len(rounds)  # noqa: E731
         for i in range(cfg.loop.iterations):
             rounds = [r[f"rollout-i{i}-m{m}"] for m in range(cfg.loop.steps_per_iteration)]
             rows.append({"iteration": i, "heldout": r[f"evaluate-i{i}"]["eval/accuracy"],
-                         "rollout_accuracy": sum(x["rollout/accuracy"] for x in rounds) / len(rounds),
-                         "step_accuracy": sum(x.get("rollout/step_accuracy", float("nan")) for x in rounds)
-                         / len(rounds)})
+                         "rollout_accuracy": mean(rounds, "rollout/accuracy"),
+                         "step_accuracy": mean(rounds, "rollout/step_accuracy"),
+                         "prm_step_accuracy": mean(rounds, "rollout/prm_step_accuracy"),
+                         "prm_step_auc_before": r[f"rm-replay-i{i}"].get("replay/prm_step_auc_before", float("nan"))})
         out[name] = {"sft": r["evaluate-sft"]["eval/accuracy"], "iterations": rows, "wall_s": wall,
-                     "run_id": res["parent_run_id"], "config_hash": cfg.hash()}
+                     "run_id": res["parent_run_id"], "config_hash": cfg.hash(),
+                     "rm_initial": {k: v for k, v in r["reward-model"].items() if k.startswith("rm/")}}
         curve = " → ".join(f"{x['heldout']:.3f}" for x in rows)
         print(f"[replay] seed {seed} {name} supervision: held-out {out[name]['sft']:.3f} → {curve} ({wall:.0f}s)",
               flush=True)
@@ -194,7 +208,12 @@ def markdown(res: dict[str, Any]) -> str:
              "for (a)–(c), correct+0.1·format for (d)); rollout acc: the verifier on the rollouts; held-out: greedy "
              "pass@1 on the held-out problems.", ""]
     for seed, s in res["per_seed"].items():
+        rm = s[next(iter(s))]["rm_initial"]
         lines += [f"## Seed {seed} (SFT held-out {s[next(iter(s))]['sft']:.3f})", "",
+                  f"Initial RM (shared by the variants): pairwise accuracy {_f(rm['rm/heldout_accuracy_policy'])} on "
+                  f"{rm['rm/heldout_policy_pairs']:.0f} held-out pairs of the SFT policy's own samples, "
+                  f"{_f(rm['rm/heldout_accuracy'])} on all held-out pairs; sampling {rm['rm/sample_seconds']:.0f} s, "
+                  f"training {rm['rm/train_seconds']:.0f} s.", "",
                   "| variant | iteration | RM before | RM after | pairs | agreement | reward | rollout acc | held-out |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, e in s.items():
@@ -207,16 +226,26 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("supervision"):
         lines += ["## Outcome vs process supervision (multi-step task)", "",
                   f"`pipelines/configs/multistep.yaml` (a + b + c, solutions in steps; the verifier as the reward) "
-                  f"with `{json.dumps(res['supervision_overrides'])}`; per seed one SFT model for both. Step accuracy: "
-                  "the fraction of the rollouts' steps the verifier judges right (process runs only).", "",
+                  f"with `{json.dumps(res['supervision_overrides'])}`; per seed one SFT model for all variants, "
+                  f"and per variant `{json.dumps(SUPERVISION)}` (process-prm trains its own reward model: a process "
+                  "reward model on the SFT policy's samples, whose step scores are the step rewards). Step accuracy: "
+                  "the fraction of the rollouts' steps the verifier judges right (process runs only); PRM step acc: "
+                  "how often the PRM's σ(score) > 0.5 agrees with the verifier on those steps; PRM AUC: on held-out "
+                  "samples, the fraction of (right, wrong) step pairs the PRM orders right (after its first training; "
+                  "then each iteration on the new policy's fresh samples before retraining).", "",
                   "| seed | supervision | SFT held-out | held-out per iteration | rollout acc per iteration | "
-                  "step acc | wall s |", "|---|---|---:|---|---|---|---:|"]
+                  "step acc | PRM step acc | PRM AUC | wall s |", "|---|---|---:|---|---|---|---|---|---:|"]
         for seed, s in res["supervision"].items():
             for name, e in s.items():
                 it = e["iterations"]
+                auc = e.get("rm_initial", {}).get("rm/heldout_step_auc", float("nan"))
+                auc_text = "n/a" if auc != auc else f"{auc:.3f}; " + " → ".join(_f(x.get("prm_step_auc_before",
+                                                                                        float("nan"))) for x in it)
                 lines.append(f"| {seed} | {name} | {e['sft']:.3f} | {' → '.join(_f(x['heldout']) for x in it)} | "
                              f"{' → '.join(_f(x['rollout_accuracy']) for x in it)} | "
-                             f"{' → '.join(_f(x['step_accuracy']) for x in it)} | {e['wall_s']:.0f} |")
+                             f"{' → '.join(_f(x['step_accuracy']) for x in it)} | "
+                             f"{' → '.join(_f(x.get('prm_step_accuracy', float('nan'))) for x in it)} | "
+                             f"{auc_text} | {e['wall_s']:.0f} |")
         lines += ["", "Final held-out accuracy, mean ± std over seeds: " + "; ".join(
             f"{k} {_pm(v)}" for k, v in res["supervision_summary"].items()), ""]
     if not res["per_seed"]:

@@ -134,7 +134,13 @@ class SFTConfig(_Strict):
 class RewardModelConfig(_Strict):
     """Reward model r_φ: a scalar head on the SFT policy's backbone."""
 
-    objective: Literal["pairwise", "pointwise"] = "pairwise"
+    objective: Literal["pairwise", "pointwise", "pairwise+pointwise", "process"] = Field(
+        "pairwise", description="pairwise: Bradley–Terry on (correct, incorrect) completions of a prompt; pointwise: "
+                                "BCE on each completion's verdict; pairwise+pointwise: both losses, a batch of each "
+                                "per step; process: a process reward model (PRM) — BCE on "
+                                "every prefix of a completion that ends a reasoning step, labelled by the verifier's "
+                                "step labels (rewards.step_labels); its score of a whole completion is its outcome "
+                                "score, its score of a step's prefix that step's reward under grpo.supervision process")
     steps: int = Field(150, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
@@ -145,6 +151,13 @@ class RewardModelConfig(_Strict):
                                                      "labelled by the verifier, added to the synthetic data "
                                                      "(0: synthetic correct vs wrong answers only)")
     sample_prompts: int = Field(1000, ge=1, description="training prompts the policy samples are drawn for")
+
+    @model_validator(mode="after")
+    def _process_needs_policy_samples(self) -> "RewardModelConfig":
+        if self.objective == "process" and not self.policy_samples:
+            raise ValueError("objective 'process' learns step labels from the policy's own worked solutions: set "
+                             "policy_samples (e.g. 8); the synthetic data has no wrong steps")
+        return self
 
 
 class RewardConfig(_Strict):
@@ -452,6 +465,16 @@ class Config(_Strict):
     promote: PromoteConfig = PromoteConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _process_reward_model(self) -> "Config":
+        scores_steps = self.grpo.supervision == "process" and self.reward.weights()[0]
+        if scores_steps and self.reward_model.objective != "process":
+            raise ValueError(f"grpo.supervision 'process' with reward.kind '{self.reward.kind}' scores every step with "
+                             "the reward model, which needs reward_model.objective 'process' (a process reward model "
+                             f"trained on step labels; it is '{self.reward_model.objective}'), or reward.kind 'verifier' "
+                             "(the verifier's step labels as the step rewards)")
+        return self
 
     def to_json(self) -> str:
         """Canonical JSON (what the pipeline passes to every component)."""

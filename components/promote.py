@@ -93,7 +93,8 @@ def run(cfg: Config, policy: str, reward_model: str | None, test: str, run_id: s
         if reward_model:
             info = tracking.log_reward_model(run_id, reward_model, buffer, system_prompt=cfg.data.system_prompt,
                                              max_length=cfg.reward_model.max_length)
-            rv = tracking.register(c, reward_name, info, run_id, {**version_tags, "policy_version": pv})
+            rv = tracking.register(c, reward_name, info, run_id, {
+                **version_tags, "policy_version": pv, "reward_model_objective": cfg.reward_model.objective})
             created.append((reward_name, rv))
         with promotion_lock(c, policy_name, run_id):
             latest = tracking.champion(c, policy_name)

@@ -23,7 +23,7 @@ from components.io import distinct_outputs, read_parquet, write_parquet
 from components.modeling import (DTYPES, ModelLoadError, _damaged, _load_errors, batched, default_device, load_tokenizer,
                                  save_model)
 from components.stage_cli import stage_main
-from components.rewards import is_correct, reference_completion, wrong_answer
+from components.rewards import is_correct, reference_completion, step_labels, wrong_answer
 from components.training import train_steps
 
 RM_COLUMNS = ["prompt_id", "prompt", "completion", "label", "origin"]
@@ -58,6 +58,38 @@ def policy_rm_data(cfg: Config, prompts: pd.DataFrame, policy: str) -> pd.DataFr
                          "label": [float(is_correct(g.text, a)) for g, a in zip(gens, rows.answer)],
                          "origin": "policy"})
     return data.drop_duplicates(["prompt_id", "completion"]).reset_index(drop=True)
+
+
+def step_prefixes(data: pd.DataFrame) -> pd.DataFrame:
+    """The process reward model's rows: each labelled completion cut at the end of each of its steps
+    (`rewards.step_labels`), the prefix labelled with the verifier's verdict on its last step; the whole
+    completion (its last prefix) keeps the completion's own label (the final answer's verdict). Duplicate
+    prefixes of one prompt are kept once."""
+    rows = []
+    for r in data.itertuples(index=False):
+        for (_, end), label in step_labels(r.completion, ""):
+            rows.append((r.prompt_id, r.prompt, r.completion[:end], float(r.label) if end == len(r.completion)
+                         else label, r.origin))
+    out = pd.DataFrame(rows, columns=RM_COLUMNS)
+    return out.drop_duplicates(["prompt_id", "completion"]).reset_index(drop=True)
+
+
+def step_metrics(rm, tok, data: pd.DataFrame, max_length: int) -> dict[str, float]:
+    """How well r_φ scores the steps of `data`'s completions (`step_prefixes`), against the verifier's step
+    labels: `step_accuracy` (score > 0 exactly on the steps judged right), `step_auc` (over every pair of a
+    right and a wrong step, the fraction where the right one scores higher; ties half) and `steps`."""
+    steps = step_prefixes(data)
+    if steps.empty:
+        return {"step_accuracy": float("nan"), "step_auc": float("nan"), "steps": 0}
+    rm.eval()
+    s = score(rm, tok, steps.prompt.tolist(), steps.completion.tolist(), max_length).cpu().numpy()
+    y = steps.label.to_numpy() > 0.5
+    good, bad = np.sort(s[y]), s[~y]
+    pairs = len(good) * len(bad)
+    above, below = np.searchsorted(good, bad, side="right"), np.searchsorted(good, bad, side="left")
+    wins = float((len(good) - above).sum() + 0.5 * (above - below).sum())  # right steps above each wrong one
+    return {"step_accuracy": float(((s > 0) == y).mean()), "step_auc": wins / pairs if pairs else float("nan"),
+            "steps": len(steps)}
 
 
 def make_pairs(data: pd.DataFrame, seed: int, max_per_prompt: int = 4) -> list[tuple[str, str, str]]:
@@ -119,26 +151,50 @@ def ranking_agreement(scores, correct, groups) -> tuple[float, int]:
     return (agree / n if n else float("nan")), n
 
 
+def check_process(rm, path: str) -> None:
+    """ValueError unless the reward model at `path` was trained as a process reward model (`objective: process`,
+    recorded in its config.json): an outcome RM's scores of step prefixes would be meaningless step rewards."""
+    objective = getattr(rm.config, "kfp_grpo_objective", None)
+    if objective != "process":
+        raise ValueError(f"reward model {path} is not a process reward model (trained with objective "
+                         f"{objective or 'pairwise/pointwise, before objectives were recorded'}), but process "
+                         "supervision with a reward-model term scores every step with it; train one with "
+                         "reward_model.objective process (a run that starts from a registered reward model uses "
+                         "that one), or set reward.kind verifier")
+
+
+PAIRWISE, POINTWISE = ("pairwise", "pairwise+pointwise"), ("pointwise", "pairwise+pointwise", "process")
+
+
 def fit(rm, tok, data: pd.DataFrame, cfg: Config, steps: int, lr: float, batch_size: int, name: str) -> list[float]:
-    """Train r_φ on labelled completions with the configured objective."""
+    """Train r_φ on labelled completions with the configured objective (`reward_model.objective`): the
+    Bradley–Terry loss on (correct, incorrect) pairs of a prompt, BCE on each completion's verdict, their
+    sum (`pairwise+pointwise`, a batch of each per step), or BCE on every step's prefix (`process`)."""
     rng = random.Random(cfg.seed)
-    max_len = cfg.reward_model.max_length
-    if cfg.reward_model.objective == "pairwise":
+    max_len, objective = cfg.reward_model.max_length, cfg.reward_model.objective
+    pairs, rows = [], []
+    if objective in PAIRWISE:
         pairs = make_pairs(data, cfg.seed)
         if not pairs:
             raise ValueError(f"{name}: no (correct, incorrect) pair for any prompt; cannot train pairwise")
+    if objective in POINTWISE:
+        table = step_prefixes(data) if objective == "process" else data
+        rows = list(table[["prompt", "completion", "label"]].itertuples(index=False, name=None))
+        if not rows:
+            raise ValueError(f"{name}: no labelled completion to train on")
 
-        def loss_fn(step: int) -> torch.Tensor:
+    def loss_fn(step: int) -> torch.Tensor:
+        loss = torch.zeros((), device=rm.device)
+        if pairs:
             p, c, r = zip(*rng.sample(pairs, min(batch_size, len(pairs))))
             margin = score(rm, tok, list(p), list(c), max_len, grad=True) - score(rm, tok, list(p), list(r), max_len, grad=True)
-            return -F.logsigmoid(margin).mean()  # Bradley–Terry
-    else:
-        rows = list(data[["prompt", "completion", "label"]].itertuples(index=False, name=None))
-
-        def loss_fn(step: int) -> torch.Tensor:
+            loss = loss - F.logsigmoid(margin).mean()  # Bradley–Terry
+        if rows:
             p, c, y = zip(*rng.sample(rows, min(batch_size, len(rows))))
             logits = score(rm, tok, list(p), list(c), max_len, grad=True)
-            return F.binary_cross_entropy_with_logits(logits, torch.tensor(y, dtype=torch.float32, device=logits.device))
+            loss = loss + F.binary_cross_entropy_with_logits(logits, torch.tensor(y, dtype=torch.float32,
+                                                                                  device=logits.device))
+        return loss
 
     return train_steps(rm, loss_fn, steps, lr, warmup=min(10, steps // 10), name=name)
 
@@ -188,16 +244,24 @@ def run(cfg: Config, train: str, policy: str, reward_model: str, rm_data: str) -
     losses = fit(rm, tok, train, cfg, rc.steps, rc.lr, rc.batch_size, "reward_model")
     train_seconds = time.perf_counter() - start
     acc = pairwise_accuracy(rm, tok, make_pairs(held, cfg.seed), rc.max_length)
+    extra: dict[str, float] = {}
     policy_pairs = make_pairs(held[held.origin == "policy"], cfg.seed)
     acc_policy = pairwise_accuracy(rm, tok, policy_pairs, rc.max_length)
+    if rc.objective == "process":  # the PRM's verdicts on the held-out policy samples' steps
+        steps = step_metrics(rm, tok, held[held.origin == "policy"], rc.max_length)
+        extra.update({"rm/heldout_step_accuracy": steps["step_accuracy"], "rm/heldout_step_auc": steps["step_auc"],
+                      "rm/heldout_steps": steps["steps"]})
+        print(f"[reward_model] process reward model on {steps['steps']} held-out steps: accuracy "
+              f"{steps['step_accuracy']:.3f}, right-above-wrong {steps['step_auc']:.3f}", flush=True)
     print(f"[reward_model] held-out pairwise accuracy {acc:.3f}; on the policy's own samples {acc_policy:.3f} "
           f"({len(policy_pairs)} pairs); sampling {sample_seconds:.0f}s, training {train_seconds:.0f}s", flush=True)
     metrics = {"rm/heldout_accuracy": acc, "rm/heldout_accuracy_policy": acc_policy,
                "rm/heldout_policy_pairs": len(policy_pairs),
                "rm/final_loss": losses[-1] if losses else float("nan"), "rm/examples": len(train),
                "rm/policy_examples": int((train.origin == "policy").sum()),
-               "rm/sample_seconds": sample_seconds, "rm/train_seconds": train_seconds}
+               "rm/sample_seconds": sample_seconds, "rm/train_seconds": train_seconds, **extra}
     tracking.log_metrics(metrics)
+    rm.config.kfp_grpo_objective = rc.objective  # in config.json: what the model's score means (check_process)
     save_model(rm, tok, reward_model)
     write_parquet(data, rm_data)
     return metrics

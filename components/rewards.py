@@ -233,6 +233,12 @@ def step_labels(completion: str, answer: str) -> list[tuple[tuple[int, int], flo
 
 
 # =========================================================================== the weighted reward
+def rm_term(scores: np.ndarray, squash: bool) -> np.ndarray:
+    """s(r_φ): the reward model's raw scores through σ (numerically stable), or unchanged (`squash` false)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return 0.5 * (1 + np.tanh(scores / 2)) if squash else scores
+
+
 def rewards_for(cfg: Config, completions: list[str], answers: list[str],
                 rm_scores: np.ndarray | None = None) -> pd.DataFrame:
     """Reward parts (`reward_rm`, `reward_correct`, `reward_format`) and their weighted sum
@@ -247,7 +253,7 @@ def rewards_for(cfg: Config, completions: list[str], answers: list[str],
     parts["reward_rm"] = 0.0
     if rm_scores is not None:
         scores = np.asarray(rm_scores, dtype=np.float64)
-        parts["reward_rm"] = 0.5 * (1 + np.tanh(scores / 2)) if w.rm_squash else scores  # s = σ (stable) or identity
+        parts["reward_rm"] = rm_term(scores, w.rm_squash)
     parts["reward"] = rm_w * parts.reward_rm + correct_w * parts.reward_correct + format_w * parts.reward_format
     bad = np.flatnonzero(~np.isfinite(parts.reward.to_numpy()))
     if len(bad):

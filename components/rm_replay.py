@@ -17,7 +17,7 @@ from components.config import Config
 from components.artifacts import as_paths, read_rollouts
 from components.io import distinct_outputs, read_parquet, write_parquet
 from components.modeling import load_reward_model, save_model
-from components.reward_model import RM_COLUMNS, fit, make_pairs, pairwise_accuracy, split_by_prompt
+from components.reward_model import RM_COLUMNS, fit, make_pairs, pairwise_accuracy, split_by_prompt, step_metrics
 from components.seeds import derived_seed
 from components.stage_cli import stage_main
 
@@ -52,7 +52,9 @@ def run(cfg: Config, rollouts: str | list[str], reward_model: str, history: str 
     rm, tok = load_reward_model(reward_model, cfg.model)
     max_len = cfg.reward_model.max_length
     before = pairwise_accuracy(rm, tok, held_pairs, max_len)
-    if make_pairs(train, cfg.seed) or cfg.reward_model.objective == "pointwise":
+    process = cfg.reward_model.objective == "process"  # a PRM: its step verdicts on the fresh held-out samples too
+    steps_before = step_metrics(rm, tok, fresh_held, max_len) if process else None
+    if make_pairs(train, cfg.seed) or cfg.reward_model.objective in ("pointwise", "process"):
         fit(rm, tok, train, cfg, cfg.replay.steps, cfg.replay.lr, cfg.replay.batch_size, "rm_replay")
     else:
         print("[rm_replay] no (correct, incorrect) pair in the buffer: the reward model is kept as it was")
@@ -62,6 +64,10 @@ def run(cfg: Config, rollouts: str | list[str], reward_model: str, history: str 
                "replay/heldout_pairs": len(held_pairs),
                "replay/rm_accuracy_before": before, "replay/rm_accuracy_after": after,
                "replay/fresh_correct_fraction": float(fresh.label.mean())}
+    if steps_before is not None:
+        steps_after = step_metrics(rm, tok, fresh_held, max_len)
+        metrics.update({"replay/prm_step_auc_before": steps_before["step_auc"],
+                        "replay/prm_step_auc_after": steps_after["step_auc"], "replay/heldout_steps": steps_after["steps"]})
     tracking.log_metrics(metrics, step=iteration)
     print(f"[rm_replay] iteration {iteration}: RM accuracy on fresh held-out pairs {before:.3f} → {after:.3f} "
           f"({len(held_pairs)} pairs; trained on {len(fresh_train)} fresh + {len(replayed)} replayed samples)",

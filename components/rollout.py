@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -21,9 +22,9 @@ from components.sampling import Backend, Sampling, group_temperatures
 from components.grpo import group_advantages, process_advantages, zero_variance_fraction
 from components.io import distinct_outputs, read_parquet
 from components.modeling import chat_prompt, load_reward_model
-from components.reward_model import ranking_agreement, score
+from components.reward_model import check_process, ranking_agreement, score
 from components.stage_cli import stage_main
-from components.rewards import rewards_for, step_labels
+from components.rewards import rewards_for, rm_term, step_labels
 from components.seeds import TORCH_BITS, derived_seed
 from components.timing import PhaseClock
 
@@ -35,33 +36,65 @@ def select_prompts(prompts: pd.DataFrame, n: int, seed: int, step: int, shard: i
     return batch.iloc[shard::shards]
 
 
+def step_spans(tok, completion: str, ids: list[int], answer: str) -> list[tuple[int, int, float]]:
+    """The steps of one completion as (index of the token that ends it, end in characters, the verifier's verdict
+    `rewards.step_labels`); steps ending in the same token are one step, with the worse verdict."""
+    reached = [len(tok.decode(ids[:k + 1], skip_special_tokens=True)) for k in range(len(ids))]
+    spans: list[tuple[int, int, float]] = []
+    for (_, end), label in step_labels(completion, answer):
+        k = next((k for k, n in enumerate(reached) if n >= end), len(ids) - 1)
+        if spans and k <= spans[-1][0]:
+            spans[-1] = (spans[-1][0], end, min(spans[-1][2], label))
+            continue
+        spans.append((k, end, label))
+    return spans
+
+
 def step_rewards(tok, completion: str, ids: list[int], answer: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The verifier's step rewards of one completion (`rewards.step_labels`) and the index of the token
     that ends each step (steps ending in the same token are one step, with the worse verdict)."""
-    reached = [len(tok.decode(ids[:k + 1], skip_special_tokens=True)) for k in range(len(ids))]
-    ends: list[int] = []
-    rewards: list[float] = []
-    for (_, end), label in step_labels(completion, answer):
-        k = next((k for k, n in enumerate(reached) if n >= end), len(ids) - 1)
-        if ends and k <= ends[-1]:
-            rewards[-1] = min(rewards[-1], label)
-            continue
-        ends.append(k)
-        rewards.append(label)
-    return torch.tensor(rewards, dtype=torch.float64), torch.tensor(ends, dtype=torch.long)
+    spans = step_spans(tok, completion, ids, answer)
+    return (torch.tensor([s[2] for s in spans], dtype=torch.float64),
+            torch.tensor([s[0] for s in spans], dtype=torch.long))
 
 
-def process_token_advantages(tok, out: pd.DataFrame, group_size: int, eps: float) -> tuple[list[list[float]], float]:
-    """Per-token advantages of every completion (`grpo.process_advantages`, group by group), and the
-    fraction of steps the verifier judged right."""
-    steps = [step_rewards(tok, c, list(ids), a) for c, ids, a in zip(out.completion, out.completion_ids, out.answer)]
+StepScorer = Callable[[list[str], list[str]], np.ndarray]  # (prompts, completion prefixes) → r_φ per prefix
+
+
+def process_token_advantages(tok, out: pd.DataFrame, group_size: int, eps: float, prm: StepScorer | None = None,
+                             weights: tuple[float, float] = (0.0, 1.0),
+                             squash: bool = True) -> tuple[list[list[float]], dict[str, float]]:
+    """Per-token advantages of every completion (`grpo.process_advantages`, group by group) and the round's step
+    metrics. Step j's reward is `weights[0]·s(prm(prefix to the end of step j)) + weights[1]·label_j` (the process
+    reward model's score of the step, s = σ or the identity (`squash`); the verifier's verdict on it);
+    `rollout/step_accuracy` is the fraction of steps the verifier judged right, and with a `prm`,
+    `rollout/prm_step_accuracy` how often the PRM agrees (r_φ > 0 on the steps judged right, ≤ 0 on the others)."""
+    spans = [step_spans(tok, c, list(ids), a) for c, ids, a in zip(out.completion, out.completion_ids, out.answer)]
+    labels = [torch.tensor([s[2] for s in sp], dtype=torch.float64) for sp in spans]
+    rewards = [weights[1] * lab for lab in labels]
+    flat = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.float64)
+    metrics = {"rollout/step_accuracy": float(flat.mean()) if flat.numel() else float("nan")}
+    if prm is not None and flat.numel():
+        prompts = [p for p, sp in zip(out.prompt, spans) for _ in sp]
+        prefixes = [c[:end] for c, sp in zip(out.completion, spans) for _, end, _ in sp]
+        raw = np.asarray(prm(prompts, prefixes), dtype=np.float64)
+        scores = torch.tensor(rm_term(raw, squash))
+        rewards = [r + weights[0] * s for r, s in zip(rewards, scores.split([len(sp) for sp in spans]))]
+        metrics["rollout/prm_step_accuracy"] = float(((torch.tensor(raw) > 0) == (flat > 0.5)).double().mean())
+    ends = [torch.tensor([s[0] for s in sp], dtype=torch.long) for sp in spans]
     token_adv: list[list[float]] = []
-    for g in range(0, len(steps), group_size):
-        group = steps[g:g + group_size]
+    for g in range(0, len(spans), group_size):
         lengths = [len(ids) for ids in out.completion_ids[g:g + group_size]]
-        token_adv += [a.tolist() for a in process_advantages([r for r, _ in group], [e for _, e in group], lengths, eps)]
-    labels = torch.cat([r for r, _ in steps])
-    return token_adv, float(labels.mean()) if labels.numel() else float("nan")
+        token_adv += [a.tolist() for a in process_advantages(rewards[g:g + group_size], ends[g:g + group_size],
+                                                             lengths, eps)]
+    return token_adv, metrics
+
+
+def step_scorer(cfg: Config, rm, rm_tok) -> StepScorer:
+    """The process reward model as a step scorer: r_φ(prompt, prefix) of each prefix (raw scores)."""
+    def scores(prompts: list[str], prefixes: list[str]) -> np.ndarray:
+        return score(rm, rm_tok, prompts, prefixes, cfg.reward_model.max_length, cfg.data.system_prompt).cpu().numpy()
+    return scores
 
 
 def run(cfg: Config, prompts: str, policy: str, reward_model: str | None, rollouts: str,
@@ -124,9 +157,14 @@ def sample(cfg: Config, backend: Callable[[], Backend], prompts: str, reward_mod
         "correct": parts.reward_correct > 0.5, "advantage": advantages.numpy(),
         "token_advantages": [[] for _ in gens], "policy_version": policy_version, "step": step,
     })
-    step_accuracy = None
+    step_metrics: dict[str, float] = {}
     if cfg.grpo.supervision == "process":
-        out["token_advantages"], step_accuracy = process_token_advantages(tok, out, rc.group_size, a.eps)
+        rm_w, correct_w, _ = cfg.reward.weights()
+        prm = step_scorer(cfg, rm, rm_tok) if rm_scores is not None and rm_w else None
+        if prm is not None:
+            check_process(rm, reward_model)
+        out["token_advantages"], step_metrics = process_token_advantages(tok, out, rc.group_size, a.eps, prm,
+                                                                         (rm_w, correct_w), cfg.reward.rm_squash)
         out["advantage"] = [sum(t) / len(t) for t in out.token_advantages]
     write_rollouts(out, rollouts)
     clock.lap("io")
@@ -140,8 +178,7 @@ def sample(cfg: Config, backend: Callable[[], Backend], prompts: str, reward_mod
         "rollout/truncated_fraction": float((out.finish_reason == "length").mean()),
         **clock.metrics(),
     }
-    if step_accuracy is not None:
-        metrics["rollout/step_accuracy"] = step_accuracy
+    metrics.update(step_metrics)
     if rm_scores is not None:  # does the reward model still rank the way the verifier does on this round?
         metrics["rollout/rm_agreement"], metrics["rollout/rm_agreement_pairs"] = ranking_agreement(
             rm_scores, out.correct, out.group)

@@ -29,7 +29,7 @@ from components.stage_cli import apply_process_settings, quiet_hf
 # metrics also logged to the parent run, for the run-level curves
 PARENT_METRICS = ("rollout/reward_mean", "rollout/accuracy", "update/kl_round", "update/clip_fraction_round",
                   "eval/accuracy", "replay/rm_accuracy_before", "replay/rm_accuracy_after",
-                  "rollout/rm_agreement")
+                  "rollout/rm_agreement", "rollout/step_accuracy", "rollout/prm_step_accuracy")
 STEP_PARAMS = ("step", "iteration", "shard")
 
 

@@ -39,6 +39,20 @@ def test_reward_kind_is_validated():
         parse_config({"reward": {"kind": "learned"}})
 
 
+def test_process_reward_model_config_is_validated():
+    """A reward kind with an RM term under process supervision scores steps: it needs a PRM; a PRM needs the
+    policy's own worked solutions. Each refusal names the keys to set."""
+    with pytest.raises(ConfigError, match="grpo.supervision 'process' with reward.kind 'mixed'.*reward_model.objective"):
+        parse_config({"grpo": {"supervision": "process"}})
+    with pytest.raises(ConfigError, match="reward_model.*objective 'process'.*policy_samples"):
+        parse_config({"reward_model": {"objective": "process"}})
+    parse_config({"grpo": {"supervision": "process"}, "reward": {"kind": "verifier"}})
+    cfg = parse_config({"grpo": {"supervision": "process"}, "reward": {"kind": "rm"},
+                        "reward_model": {"objective": "process", "policy_samples": 4}})
+    assert cfg.reward_model.objective == "process"
+    parse_config({"reward_model": {"objective": "pairwise+pointwise"}})
+
+
 def test_ranking_agreement_counts_pairs_within_groups():
     # group 0: correct 2.0 vs wrong 1.0 (agree) and 3.0 (disagree); group 1: no correct one
     acc, pairs = ranking_agreement([2.0, 1.0, 3.0, 5.0, 0.0], [True, False, False, False, False], [0, 0, 0, 1, 1])
@@ -68,6 +82,36 @@ def test_policy_rm_data_is_labelled_by_the_verifier(trained_policy, trained_test
     assert data.label.tolist() == [float(is_correct(c, answers[i])) for c, i in zip(data.completion, data.prompt_id)]
     assert 0 < data.label.mean() < 1  # the trained policy is right sometimes, not always
     assert not data.duplicated(["prompt_id", "completion"]).any()
+
+
+@pytest.mark.parametrize("objective", ["pairwise+pointwise", "process"])
+def test_reward_model_objectives_train_and_report(objective, trained_policy, trained_test_set, tmp_path):
+    """The reward-model stage with both losses, and as a PRM on completions without steps (the default task: the
+    whole completion is its one step), trains on the policy's samples and reports its held-out accuracy."""
+    import math
+
+    from components import reward_model
+
+    cfg = fast_config(reward_model={"objective": objective, "steps": 5, "policy_samples": 4, "sample_prompts": 30})
+    m = reward_model.run(cfg, str(trained_test_set), str(trained_policy), str(tmp_path / "rm"), str(tmp_path / "d"))
+    assert math.isfinite(m["rm/final_loss"]) and m["rm/policy_examples"] > 0 and 0 <= m["rm/heldout_accuracy"] <= 1
+    assert ("rm/heldout_step_auc" in m) == (objective == "process")
+
+
+def test_process_supervision_refuses_an_outcome_reward_model_for_its_steps(data_dir, untrained_policy, tmp_path):
+    """A reward model trained pairwise (or registered before objectives were recorded) cannot give step rewards:
+    the rollout stage names the model and what to set, instead of scoring step prefixes with it."""
+    from components import reward_model, rollout
+
+    reward_model.run(fast_config(), str(data_dir / "train.parquet"), str(untrained_policy), str(tmp_path / "rm"),
+                     str(tmp_path / "rm_data"))
+    cfg = fast_config(grpo={"supervision": "process"}, reward={"kind": "rm"},
+                      reward_model={"objective": "process", "policy_samples": 2})
+    with pytest.raises(ValueError, match=r"rm is not a process reward model \(trained with objective pairwise\)"
+                                         r".*reward_model.objective process"):
+        rollout.run(cfg, str(data_dir / "train.parquet"), str(untrained_policy), str(tmp_path / "rm"),
+                    str(tmp_path / "rollouts"))
+    assert not (tmp_path / "rollouts").exists()
 
 
 # --------------------------------------------------------------------------- through the plan
@@ -135,7 +179,9 @@ def test_replay_benchmark_smoke(tmp_path):
     md = (tmp_path / "replay.md").read_text()
     assert md.count("| (a) RM frozen |") == 3 and "## Goals" in md  # 2 iterations + the summary over seeds
     sup = res["supervision"]["0"]  # part 2: outcome vs process supervision on the multi-step task
-    assert set(sup) == {"outcome", "process"} and sup["outcome"]["sft"] == sup["process"]["sft"]
+    assert set(sup) == {"outcome", "process", "process-prm"}
+    assert sup["outcome"]["sft"] == sup["process"]["sft"] == sup["process-prm"]["sft"]
+    assert sup["process-prm"]["rm_initial"] != sup["process"]["rm_initial"]  # its own (process) reward model
     assert all(len(e["iterations"]) == 2 for e in sup.values()) and "Outcome vs process" in md
     c = mlflow.MlflowClient(res["tracking_uri"])
     parents = {r.info.run_id for r in c.search_runs([c.get_experiment_by_name("kfp-grpo-replay-bench").experiment_id])
@@ -172,8 +218,8 @@ def test_process_advantages_reach_the_loss_token_by_token():
              "<think>1 + 2 = 3\n3 + 4 = 7</think><answer>7</answer>"]
     ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in texts]
     rows = pd.DataFrame({"completion": texts, "completion_ids": ids, "answer": ["7", "7"]})
-    token_adv, step_accuracy = process_token_advantages(tok, rows, 2, 1e-4)
-    assert step_accuracy == pytest.approx(4 / 6)
+    token_adv, step_metrics = process_token_advantages(tok, rows, 2, 1e-4)
+    assert step_metrics == {"rollout/step_accuracy": pytest.approx(4 / 6)}
     first_step_end = ids[0].index(tok.convert_tokens_to_ids("\n"))
     wrong, right = token_adv
     assert wrong[first_step_end + 1] < wrong[first_step_end] and wrong[0] == wrong[first_step_end]
@@ -193,19 +239,85 @@ def test_process_advantages_reach_the_loss_token_by_token():
 MULTISTEP = {"data": {"num_train": 400, "num_test": 40, "arithmetic": {"num_operations": 2}},
              "sft": {"steps": 300, "lr": 1e-3, "with_reasoning": True},
              "rollout": {"max_new_tokens": 32, "prompts_per_step": 8}, "evaluation": {"max_new_tokens": 32},
-             "grpo": {"supervision": "process", "minibatch_size": 16, "lr": 1e-4},
+             "grpo": {"supervision": "process", "minibatch_size": 16, "lr": 1e-4}, "reward": {"kind": "verifier"},
              "loop": {"iterations": 1, "steps_per_iteration": 2}}
 
 
-def test_process_supervision_through_the_plan(tmp_path):
+@pytest.fixture(scope="module")
+def multistep_run(tmp_path_factory):
+    """One in-process run of the plan on the multi-step task with process supervision (the verifier's step
+    labels): (work directory, result). Its SFT policy writes worked solutions, some steps right, some wrong."""
     from pipelines.inprocess import run_in_process
 
-    cfg = fast_config(**MULTISTEP)
-    result = run_in_process(cfg, tmp_path / "work")
-    rollouts = read_rollouts(str(tmp_path / "work" / "rollout-i0-m0" / "rollouts"),
+    work = tmp_path_factory.mktemp("multistep") / "work"
+    return work, run_in_process(fast_config(**MULTISTEP), work)
+
+
+def test_process_supervision_through_the_plan(multistep_run):
+    work, result = multistep_run
+    rollouts = read_rollouts(str(work / "rollout-i0-m0" / "rollouts"),
                              ("completion", "completion_ids", "token_advantages", "advantage"))
     assert [len(a) for a in rollouts.token_advantages] == [len(i) for i in rollouts.completion_ids]
     assert any(len(set(a[:-1])) > 1 for a in rollouts.token_advantages)  # advantages vary within a completion
     assert rollouts.completion.str.contains(" = ").mean() > 0.5  # the policy writes its steps
     assert 0 <= result["results"]["rollout-i0-m0"]["rollout/step_accuracy"] <= 1
     assert result["results"]["grpo-update-i0-m1"]
+
+
+def test_step_prefixes_carry_the_verifier_step_labels():
+    from components.reward_model import step_prefixes
+
+    data = pd.DataFrame({"prompt_id": ["1", "1"], "prompt": ["q", "q"], "origin": "policy", "label": [0.0, 1.0],
+                         "completion": ["<think>37 + 48 = 75\n75 + 12 = 87</think><answer>87</answer>",
+                                        "<think>37 + 48 = 85\n85 + 12 = 97</think><answer>97</answer>"]})
+    steps = step_prefixes(data)
+    assert steps.completion.tolist() == ["<think>37 + 48 = 75\n", "<think>37 + 48 = 75\n75 + 12 = 87</think>",
+                                         data.completion[0], "<think>37 + 48 = 85\n",
+                                         "<think>37 + 48 = 85\n85 + 12 = 97</think>", data.completion[1]]
+    assert steps.label.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # the whole completion: its own label
+
+
+PRM = {"reward": {"kind": "rm", "rm_weight": 1.0},
+       "reward_model": {"objective": "process", "policy_samples": 8, "sample_prompts": 200, "steps": 150,
+                        "batch_size": 32, "heldout_fraction": 0.25}}
+
+
+def test_a_learned_prm_scores_right_steps_above_wrong_ones_and_its_scores_become_the_step_rewards(multistep_run,
+                                                                                                   tmp_path):
+    """reward_model.objective process on the multi-step SFT policy's own worked solutions: on held-out prompts'
+    samples, the PRM scores the steps the verifier judges right above the wrong ones; with reward.kind rm under
+    process supervision, its scores of each step's prefix are the step rewards the token advantages come from."""
+    import torch
+
+    from components import reward_model
+    from components.grpo import process_advantages
+    from components.modeling import build_tiny_tokenizer, load_reward_model
+    from components.rewards import rm_term
+    from components.rollout import process_token_advantages, step_scorer
+
+    work, _ = multistep_run
+    cfg = fast_config(**{**MULTISTEP, **PRM})
+    metrics = reward_model.run(cfg, str(work / "prepare-data" / "train"), str(work / "sft" / "model"),
+                               str(tmp_path / "prm"), str(tmp_path / "rm_data"))
+    print(f"\nPRM: {metrics['rm/heldout_steps']} held-out steps, right-above-wrong {metrics['rm/heldout_step_auc']:.3f}, "
+          f"accuracy {metrics['rm/heldout_step_accuracy']:.3f}; training {metrics['rm/train_seconds']:.0f}s")
+    assert metrics["rm/heldout_steps"] >= 100
+    assert metrics["rm/heldout_step_auc"] >= 0.7  # measured 0.81 (974 steps)
+
+    rm, rm_tok = load_reward_model(str(tmp_path / "prm"))
+    tok = build_tiny_tokenizer()
+    texts = ["<think>1 + 2 = 3\n3 + 4 = 8</think><answer>8</answer>",   # right step, then a wrong one
+             "<think>1 + 2 = 3\n3 + 4 = 7</think><answer>7</answer>"]
+    ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in texts]
+    rows = pd.DataFrame({"prompt": ["What is 1 + 2 + 4?"] * 2, "completion": texts, "completion_ids": ids,
+                         "answer": ["7", "7"]})
+    token_adv, step_metrics = process_token_advantages(tok, rows, 2, 1e-4, step_scorer(cfg, rm, rm_tok), (1.0, 0.0))
+    assert 0 <= step_metrics["rollout/prm_step_accuracy"] <= 1
+    prefixes = [[t[:t.index("\n") + 1], t[:t.index("<answer>")], t] for t in texts]
+    scores = [torch.tensor(rm_term(reward_model.score(rm, rm_tok, rows.prompt[:1].tolist() * 3, p, 64).numpy(), True))
+              for p in prefixes]
+    ends = [torch.tensor([i.index(tok.convert_tokens_to_ids("\n")), i.index(tok.convert_tokens_to_ids("</think>")),
+                          len(i) - 2]) for i in ids]
+    expected = process_advantages(scores, ends, [len(i) for i in ids], 1e-4)
+    for got, want in zip(token_adv, expected):
+        assert got == pytest.approx(want.tolist(), abs=1e-5)
