@@ -476,20 +476,20 @@ class Config(_Strict):
                              "(the verifier's step labels as the step rewards)")
         return self
 
-    def to_json(self) -> str:
-        """Canonical JSON (what the pipeline passes to every component)."""
-        return self.model_dump_json()
-
     @model_validator(mode="after")
     def _warm_engine(self) -> "Config":
         if self.loop.warm_engine:
             clashes = [f"{key} is {value}" for key, value in (("rollout.shards", self.rollout.shards),
                        ("grpo.nproc_per_node", self.grpo.nproc_per_node), ("grpo.nodes", self.grpo.nodes))
                        if value != 1]
-            if clashes:  # reported at the root, naming both keys
+            if clashes:  # reported at the root, naming the keys
                 raise ValueError(f"loop.warm_engine runs an iteration's rounds in one process, so it needs "
                                  f"rollout.shards, grpo.nproc_per_node and grpo.nodes at 1 ({', '.join(clashes)})")
         return self
+
+    def to_json(self) -> str:
+        """Canonical JSON (what the pipeline passes to every component)."""
+        return self.model_dump_json()
 
     def hash(self) -> str:
         """Short content hash of the config (tags registered models)."""

@@ -84,12 +84,8 @@ def step_metrics(rm, tok, data: pd.DataFrame, max_length: int) -> dict[str, floa
     rm.eval()
     s = score(rm, tok, steps.prompt.tolist(), steps.completion.tolist(), max_length).cpu().numpy()
     y = steps.label.to_numpy() > 0.5
-    good, bad = np.sort(s[y]), s[~y]
-    pairs = len(good) * len(bad)
-    above, below = np.searchsorted(good, bad, side="right"), np.searchsorted(good, bad, side="left")
-    wins = float((len(good) - above).sum() + 0.5 * (above - below).sum())  # right steps above each wrong one
-    return {"step_accuracy": float(((s > 0) == y).mean()), "step_auc": wins / pairs if pairs else float("nan"),
-            "steps": len(steps)}
+    auc, _ = ranking_agreement(s, y, np.zeros(len(s)))  # every (right, wrong) pair, as one group
+    return {"step_accuracy": float(((s > 0) == y).mean()), "step_auc": auc, "steps": len(steps)}
 
 
 def make_pairs(data: pd.DataFrame, seed: int, max_per_prompt: int = 4) -> list[tuple[str, str, str]]:

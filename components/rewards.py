@@ -252,8 +252,7 @@ def rewards_for(cfg: Config, completions: list[str], answers: list[str],
     })
     parts["reward_rm"] = 0.0
     if rm_scores is not None:
-        scores = np.asarray(rm_scores, dtype=np.float64)
-        parts["reward_rm"] = rm_term(scores, w.rm_squash)
+        parts["reward_rm"] = rm_term(rm_scores, w.rm_squash)
     parts["reward"] = rm_w * parts.reward_rm + correct_w * parts.reward_correct + format_w * parts.reward_format
     bad = np.flatnonzero(~np.isfinite(parts.reward.to_numpy()))
     if len(bad):

@@ -50,14 +50,6 @@ def step_spans(tok, completion: str, ids: list[int], answer: str) -> list[tuple[
     return spans
 
 
-def step_rewards(tok, completion: str, ids: list[int], answer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The verifier's step rewards of one completion (`rewards.step_labels`) and the index of the token
-    that ends each step (steps ending in the same token are one step, with the worse verdict)."""
-    spans = step_spans(tok, completion, ids, answer)
-    return (torch.tensor([s[2] for s in spans], dtype=torch.float64),
-            torch.tensor([s[0] for s in spans], dtype=torch.long))
-
-
 StepScorer = Callable[[list[str], list[str]], np.ndarray]  # (prompts, completion prefixes) → r_φ per prefix
 
 

@@ -153,6 +153,8 @@ def champion_uris(cfg: "Config") -> dict[str, str]:
     prefix = cfg.promote.model_prefix
     return {"init_policy_uri": f"models:/{prefix}-policy@{CHAMPION}",
             "init_reward_uri": f"models:/{prefix}-reward@{CHAMPION}"}
+
+
 ACCURACY_TAG = "heldout_accuracy"
 
 
